@@ -1,0 +1,201 @@
+"""The attention variants: MHA/GQA/MQA (one class, n_kv_heads) and MLA/EG-MLA (one class, optional gate).
+
+Every attention takes (x, ids, start, cache, context_ids, gate_table):
+  x [B, T, d_model] normalised input; ids [B, T] the tokens' ids (EG-MLA's gate reads them);
+  start: position of x's first token; cache: this layer's LayerCache (None for a plain forward);
+  context_ids [B, start + T]: ids of the whole context (kept only for EG-MLA gating the content);
+  gate_table: this layer's token-embedding table (EG-MLA; shared by `gate_group_size` adjacent layers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import LayerCache
+from .config import ModelConfig
+from .layers import RMSNorm, Rotary
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v where query i (the last T of S positions) sees keys 0 .. S - T + i.
+
+    q [B, H, T, dq], k [B, Hkv, S, dq], v [B, Hkv, S, dv]; Hkv divides H (grouped-query broadcast).
+    """
+    t, s = q.shape[-2], k.shape[-2]
+    gqa = k.shape[1] != q.shape[1]
+    if t == s:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if t == 1:  # one new token sees the whole context
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _norm(kind: str, dim: int, eps: float) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    return nn.Identity()
+
+
+class GroupedQueryAttention(nn.Module):
+    """MHA (n_kv_heads == n_heads), GQA (n_kv_heads divides n_heads) and MQA (n_kv_heads == 1)."""
+
+    def __init__(self, cfg: ModelConfig, rotary: Rotary):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.rotary = rotary
+
+    def cache_spec(self) -> dict[str, tuple[int, ...]]:
+        return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
+
+    def forward(self, x, ids, start=0, cache: LayerCache | None = None, context_ids=None, gate_table=None):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None:
+            k, v = cache.update(start, k=k, v=v)
+        y = causal_attention(q, k, v, scale=self.head_dim**-0.5)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class EmbeddingGate(nn.Module):
+    """EG-MLA's gate g = act(W_ue e) for e = E_layer[token id]; the table itself is passed in per call.
+
+    Output width: on content, n_h * (d_nope + d_v) (separate K and V gates) or n_h * d_nope (one gate
+    shared by K and V); on the latent, d_c. Plus d_rope when the decoupled RoPE key is gated too.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        a = cfg.attention
+        if a.gate_on == "latent":
+            width = a.kv_lora_rank
+        elif a.gate_kv == "shared":
+            width = cfg.n_heads * a.qk_nope_head_dim
+        else:
+            width = cfg.n_heads * (a.qk_nope_head_dim + a.v_head_dim)
+        self.rope_width = a.qk_rope_head_dim if a.gate_rope_key else 0
+        self.up = nn.Linear(a.gate_dim, width + self.rope_width, bias=False)
+        self.activation = {"none": nn.Identity(), "sigmoid": nn.Sigmoid(), "silu": nn.SiLU()}[a.gate_activation]
+
+    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (gate for the content or latent, gate for the RoPE key or None)."""
+        g = self.activation(self.up(emb))
+        if not self.rope_width:
+            return g, None
+        return g[..., : -self.rope_width], g[..., -self.rope_width :]
+
+
+class LatentAttention(nn.Module):
+    """MLA (DeepSeek-V2) and, with a gate, EG-MLA.
+
+    c_kv = RMSNorm(W_dkv h) and k_rope = RoPE(W_kr h) are what the cache holds; [k_nope; v] = W_ukv c_kv.
+    EG-MLA gating the content: [k_nope; v] = Norm(W_ukv c_kv * g) per head, g recomputed from token ids.
+    EG-MLA gating the latent: c_kv <- Norm(c_kv * g) before caching, so decoding stays MLA's.
+    """
+
+    def __init__(self, cfg: ModelConfig, rotary: Rotary):
+        super().__init__()
+        a = cfg.attention
+        self.n_heads = cfg.n_heads
+        self.d_nope, self.d_rope, self.d_v, self.d_c = (
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim,
+            a.kv_lora_rank,
+        )
+        d_qk = self.d_nope + self.d_rope
+        if a.q_lora_rank is None:
+            self.wq = nn.Linear(cfg.d_model, self.n_heads * d_qk, bias=False)
+        else:
+            self.wq_a = nn.Linear(cfg.d_model, a.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(a.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(a.q_lora_rank, self.n_heads * d_qk, bias=False)
+        self.wkv_a = nn.Linear(cfg.d_model, self.d_c + self.d_rope, bias=False)  # [W_dkv; W_kr]
+        self.kv_norm = RMSNorm(self.d_c, cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.d_c, self.n_heads * (self.d_nope + self.d_v), bias=False)  # W_ukv
+        self.wo = nn.Linear(self.n_heads * self.d_v, cfg.d_model, bias=False)
+        self.rotary = rotary
+        self.scale = d_qk**-0.5
+        self.absorb = a.absorb
+
+        self.gate = EmbeddingGate(cfg) if cfg.has_gate else None
+        self.gate_on = a.gate_on if cfg.has_gate else None
+        self.gate_kv = a.gate_kv
+        if self.gate_on == "latent":
+            self.latent_norm = _norm(a.gate_norm, self.d_c, cfg.norm_eps)
+        elif self.gate_on == "content":
+            self.k_norm = _norm(a.gate_norm, self.d_nope, cfg.norm_eps)
+            self.v_norm = _norm(a.gate_norm, self.d_v, cfg.norm_eps)
+
+    def cache_spec(self) -> dict[str, tuple[int, ...]]:
+        return {"latent": (self.d_c,), "k_rope": (self.d_rope,)}
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+
+    def forward(self, x, ids, start=0, cache: LayerCache | None = None, context_ids=None, gate_table=None):
+        b, t, _ = x.shape
+        q = self.query(x).view(b, t, self.n_heads, self.d_nope + self.d_rope).transpose(1, 2)
+        q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
+        q_rope = self.rotary(q_rope, start)
+
+        latent, k_rope = self.wkv_a(x).split([self.d_c, self.d_rope], dim=-1)
+        latent = self.kv_norm(latent)
+        gate = None
+        if self.gate is not None:
+            gate, rope_gate = self.gate(gate_table(ids))
+            if rope_gate is not None:
+                k_rope = k_rope * rope_gate  # gated before rotation: the gate is position-free
+            if self.gate_on == "latent":
+                latent = self.latent_norm(latent * gate)
+        k_rope = self.rotary(k_rope, start)
+
+        if cache is not None:
+            latent, k_rope = cache.update(start, latent=latent, k_rope=k_rope)
+            if self.gate_on == "content" and latent.shape[1] != t:
+                gate, _ = self.gate(gate_table(context_ids))  # recompute the gate for the whole context
+        if self.absorb and cache is not None:
+            y = self._attend_absorbed(q_nope, q_rope, latent, k_rope)
+        else:
+            y = self._attend_expanded(q_nope, q_rope, latent, k_rope, gate)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+    def _attend_expanded(self, q_nope, q_rope, latent, k_rope, gate):
+        """Expand K/V for every context token from the latent, (gate and normalise,) then attend."""
+        b, s, _ = latent.shape
+        kv = self.wkv_b(latent).view(b, s, self.n_heads, self.d_nope + self.d_v)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        if self.gate_on == "content":
+            if self.gate_kv == "shared":
+                g_k = g_v = gate.view(b, s, self.n_heads, self.d_nope)
+            else:
+                g_k, g_v = gate.view(b, s, self.n_heads, self.d_nope + self.d_v).split([self.d_nope, self.d_v], dim=-1)
+            k_nope, v = self.k_norm(k_nope * g_k), self.v_norm(v * g_v)
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(b, s, self.n_heads, self.d_rope)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        return causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), self.scale)
+
+    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope):
+        """DeepSeek's decode: fold W_uk into the query and W_uv into the output; attend over the latent."""
+        w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.d_c)
+        w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope :]
+        q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)
+        q = torch.cat([q_latent, q_rope], dim=-1)
+        k = torch.cat([latent, k_rope], dim=-1)[:, None]  # one shared "head", MQA-style
+        o = causal_attention(q, k, latent[:, None], self.scale)
+        return torch.einsum("bhtc,hvc->bhtv", o, w_uv)
+
+
+def build_attention(cfg: ModelConfig, rotary: Rotary) -> nn.Module:
+    return LatentAttention(cfg, rotary) if cfg.is_latent else GroupedQueryAttention(cfg, rotary)

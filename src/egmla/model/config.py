@@ -1,0 +1,208 @@
+"""Typed model configuration with validation at construction.
+
+Hyper-parameters live in conf/ (Hydra); code receives these dataclasses. Every inconsistent value raises a
+`ConfigError` whose one-line message names the key, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+VARIANTS = ("mha", "gqa", "mqa", "mla", "egmla")
+GATE_ON = ("content", "latent")
+GATE_ACTIVATIONS = ("none", "sigmoid", "silu")
+GATE_NORMS = ("layernorm", "rmsnorm", "none")
+GATE_KV = ("separate", "shared")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key, the value and what is valid."""
+
+
+def _fail(key: str, value: Any, valid: str) -> None:
+    raise ConfigError(f"{key}={value!r} is invalid: {valid}")
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        _fail(key, value, "expected a positive integer")
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        _fail(key, value, f"expected one of {', '.join(valid)}")
+
+
+@dataclass
+class AttentionConfig:
+    """One attention variant and its knobs. Fields irrelevant to the chosen variant are ignored.
+
+    variant: mha | gqa | mqa (one implementation with n_kv_heads) | mla | egmla.
+    head_dim: MHA/GQA/MQA head width (None: d_model // n_heads).
+    n_kv_heads: GQA key/value heads (mha forces n_heads, mqa forces 1).
+    kv_lora_rank, q_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim: MLA as in DeepSeek-V2.
+    absorb: decode MLA by weight absorption (W_uk folded into the query, W_uv into the output) instead of
+        re-expanding K/V from the cached latent. Only MLA and EG-MLA gating the latent can absorb.
+    gate_*: EG-MLA's embedding gate; the open choices of the paper (see PAPER.md) with their defaults.
+    """
+
+    variant: str = "mha"
+    head_dim: int | None = None
+    n_kv_heads: int | None = None
+    kv_lora_rank: int = 256
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 64
+    absorb: bool = False
+    gate_enabled: bool = True  # egmla with the gate off is exactly mla (same parameters, same function)
+    gate_dim: int = 256  # width of each per-layer token-embedding table
+    gate_on: str = "content"  # content: gate W_ukv c_kv (paper's most likely reading) | latent: gate c_kv
+    gate_activation: str = "none"  # none | sigmoid | silu, applied to W_ue e
+    gate_norm: str = "layernorm"  # layernorm | rmsnorm | none, per head after gating (over d_c for latent)
+    gate_kv: str = "separate"  # separate gates for k_nope and v, or one shared (needs nope == v dims)
+    gate_rope_key: bool = False  # also gate the (pre-RoPE) decoupled key
+    gate_group_size: int = 1  # adjacent layers sharing one embedding table
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer: pre-norm RMSNorm, SwiGLU MLP, RoPE, optional tied embeddings."""
+
+    vocab_size: int = 50257
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    ffn_hidden: int = 2048
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attention, dict):
+            self.attention = attention_from_dict(self.attention)
+        self.validate()
+
+    # --- derived dimensions -------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of the MHA/GQA/MQA family."""
+        a = self.attention
+        if a.variant == "mha":
+            return self.n_heads
+        if a.variant == "mqa":
+            return 1
+        return a.n_kv_heads if a.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim or self.d_model // self.n_heads
+
+    @property
+    def is_latent(self) -> bool:
+        return self.attention.variant in ("mla", "egmla")
+
+    @property
+    def has_gate(self) -> bool:
+        return self.attention.variant == "egmla" and self.attention.gate_enabled
+
+    @property
+    def n_gate_tables(self) -> int:
+        return -(-self.n_layers // self.attention.gate_group_size) if self.has_gate else 0
+
+    # --- validation ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        for key in ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "max_seq_len"):
+            _positive_int(f"model.{key}", getattr(self, key))
+        if self.d_model % self.n_heads:
+            _fail("model.n_heads", self.n_heads, f"must divide model.d_model={self.d_model}")
+        if self.rope_theta <= 0:
+            _fail("model.rope_theta", self.rope_theta, "expected a positive number")
+        if not 0 < self.norm_eps < 1:
+            _fail("model.norm_eps", self.norm_eps, "expected a small positive number such as 1e-6")
+        if self.init_std <= 0:
+            _fail("model.init_std", self.init_std, "expected a positive number such as 0.02")
+        a = self.attention
+        _choice("attention.variant", a.variant, VARIANTS)
+        if a.variant in ("mha", "gqa", "mqa"):
+            self._validate_mha_family()
+        else:
+            self._validate_latent()
+
+    def _validate_mha_family(self) -> None:
+        a = self.attention
+        if a.head_dim is not None:
+            _positive_int("attention.head_dim", a.head_dim)
+        if self.head_dim % 2:
+            _fail("attention.head_dim", self.head_dim, "RoPE needs an even head dimension")
+        if a.absorb:
+            _fail("attention.absorb", a.absorb, "weight absorption exists only for mla and egmla (gate_on=latent)")
+        if a.variant == "gqa":
+            if a.n_kv_heads is None:
+                _fail("attention.n_kv_heads", None, f"gqa needs a positive divisor of model.n_heads={self.n_heads}")
+            _positive_int("attention.n_kv_heads", a.n_kv_heads)
+            if self.n_heads % a.n_kv_heads:
+                _fail("attention.n_kv_heads", a.n_kv_heads, f"must divide model.n_heads={self.n_heads}")
+
+    def _validate_latent(self) -> None:
+        a = self.attention
+        _positive_int("attention.kv_lora_rank", a.kv_lora_rank)
+        if a.kv_lora_rank > self.d_model:
+            _fail("attention.kv_lora_rank", a.kv_lora_rank, f"must be in [1, model.d_model={self.d_model}]")
+        if a.q_lora_rank is not None:
+            _positive_int("attention.q_lora_rank", a.q_lora_rank)
+        for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _positive_int(f"attention.{key}", getattr(a, key))
+        if a.qk_rope_head_dim % 2:
+            _fail("attention.qk_rope_head_dim", a.qk_rope_head_dim, "RoPE needs an even dimension")
+        if a.variant == "mla" or not a.gate_enabled:
+            return  # plain MLA: nothing gate-related to check, and absorption is allowed
+        _positive_int("attention.gate_dim", a.gate_dim)
+        _choice("attention.gate_on", a.gate_on, GATE_ON)
+        _choice("attention.gate_activation", a.gate_activation, GATE_ACTIVATIONS)
+        _choice("attention.gate_norm", a.gate_norm, GATE_NORMS)
+        _choice("attention.gate_kv", a.gate_kv, GATE_KV)
+        _positive_int("attention.gate_group_size", a.gate_group_size)
+        if a.gate_group_size > self.n_layers:
+            _fail("attention.gate_group_size", a.gate_group_size, f"must be in [1, model.n_layers={self.n_layers}]")
+        if a.gate_kv == "shared" and a.gate_on == "content" and a.qk_nope_head_dim != a.v_head_dim:
+            _fail(
+                "attention.gate_kv",
+                a.gate_kv,
+                f"a shared K/V gate needs qk_nope_head_dim ({a.qk_nope_head_dim}) == v_head_dim "
+                f"({a.v_head_dim}); use separate",
+            )
+        if a.absorb and a.gate_on == "content":
+            _fail(
+                "attention.absorb",
+                a.absorb,
+                "gating the K/V content blocks weight absorption; use attention.gate_on=latent or absorb=false",
+            )
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key} is not a known key: expected one of {', '.join(sorted(known))}")
+    return dict(data)
+
+
+def attention_from_dict(data: dict[str, Any]) -> AttentionConfig:
+    """Build an AttentionConfig from a plain mapping; unknown keys fail with the list of known ones."""
+    return AttentionConfig(**_from_dict(AttentionConfig, data, "attention"))
+
+
+def model_config_from_dicts(model: dict[str, Any], attention: dict[str, Any]) -> ModelConfig:
+    """Build and validate a ModelConfig from the `model` and `attention` config groups.
+
+    Keys a config group carries for other consumers (`name`, and `attention_defaults` that conf/attention
+    interpolates from) are dropped here.
+    """
+    model = {k: v for k, v in model.items() if k not in ("name", "attention_defaults")}
+    attention = {k: v for k, v in attention.items() if k != "name"}
+    return ModelConfig(**_from_dict(ModelConfig, model, "model"), attention=attention_from_dict(attention))

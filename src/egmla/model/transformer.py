@@ -1,0 +1,125 @@
+"""A decoder-only transformer whose attention is any of the variants; ids reach every attention layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import build_attention
+from .cache import DecodeCache, LayerCache
+from .config import ModelConfig
+from .layers import RMSNorm, Rotary, SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = build_attention(cfg, rotary)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x, ids, start=0, cache=None, context_ids=None, gate_table=None):
+        x = x + self.attn(self.attn_norm(x), ids, start, cache, context_ids, gate_table)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        a = cfg.attention
+        rotary = Rotary(a.qk_rope_head_dim if cfg.is_latent else cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # EG-MLA's per-layer token tables live here, not in the blocks, so adjacent layers can share one.
+        self.gate_tables = nn.ModuleList(nn.Embedding(cfg.vocab_size, a.gate_dim) for _ in range(cfg.n_gate_tables))
+        self.blocks = nn.ModuleList(Block(cfg, rotary) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layers).
+
+        Gate tables are N(0, 1) and their up-projection N(0, 1/gate_dim), so g = W_ue e starts at unit scale.
+        """
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo", "w_down")) else 1.0
+                if name.endswith("gate.up"):
+                    nn.init.normal_(module.weight, std=module.in_features**-0.5)
+                else:
+                    nn.init.normal_(module.weight, std=std * scale)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=1.0 if name.startswith("gate_tables") else std)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def gate_table(self, layer: int) -> nn.Embedding | None:
+        return self.gate_tables[layer // self.cfg.attention.gate_group_size] if self.cfg.has_gate else None
+
+    def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, vocab]. With a cache, ids continue the cached context."""
+        start = cache.length if cache is not None else 0
+        context_ids = None
+        if cache is not None:
+            end = start + ids.shape[1]
+            if end > cache.capacity:
+                raise ValueError(f"decode cache holds {cache.capacity} tokens; {end} were asked for")
+            if cache.ids is not None:
+                cache.ids[:, start:end] = ids
+                context_ids = cache.ids[:, :end]
+        x = self.embed(ids)
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x = block(x, ids, start, layer_cache, context_ids, self.gate_table(i))
+        if cache is not None:
+            cache.length = start + ids.shape[1]
+        return self.lm_head(self.norm(x))
+
+    def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> DecodeCache:
+        """An empty decode cache for `capacity` tokens, in the model's dtype and device by default."""
+        weight = self.embed.weight
+        dtype, device = dtype or weight.dtype, device or weight.device
+        layers = [LayerCache(b.attn.cache_spec(), batch, capacity, dtype, device) for b in self.blocks]
+        keep_ids = self.cfg.has_gate and self.cfg.attention.gate_on == "content"
+        return DecodeCache(layers, batch, capacity, keep_ids, device)
+
+    @torch.no_grad()
+    def generate(
+        self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None
+    ) -> torch.Tensor:
+        """Continue ids [B, T] by max_new_tokens using the decode cache; greedy at temperature 0.
+
+        Returns [B, T + max_new_tokens].
+        """
+        if max_new_tokens <= 0:
+            return ids
+        cache = self.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+        logits = self(ids, cache)[:, -1]
+        out = [ids]
+        for step in range(max_new_tokens):
+            next_id = _sample(logits, temperature, top_k)
+            out.append(next_id)
+            if step + 1 < max_new_tokens:
+                logits = self(next_id, cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
