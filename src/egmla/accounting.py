@@ -65,17 +65,6 @@ def _norm_params(kind: str, dim: int) -> int:
     return {"layernorm": 2 * dim, "rmsnorm": dim, "none": 0}[kind]
 
 
-def _gate_width(cfg: ModelConfig) -> int:
-    a = cfg.attention
-    if a.gate_on == "latent":
-        width = a.kv_lora_rank
-    elif a.gate_kv == "shared":
-        width = cfg.n_heads * a.qk_nope_head_dim
-    else:
-        width = cfg.n_heads * (a.qk_nope_head_dim + a.v_head_dim)
-    return width + (a.qk_rope_head_dim if a.gate_rope_key else 0)
-
-
 def _attention_params(cfg: ModelConfig) -> tuple[int, int]:
     """(matmul weights, other weights) of one attention layer."""
     a, d, h = cfg.attention, cfg.d_model, cfg.n_heads
@@ -92,7 +81,7 @@ def _attention_params(cfg: ModelConfig) -> tuple[int, int]:
     matmul += h * a.v_head_dim * d  # W_o
     other += a.kv_lora_rank  # latent RMSNorm
     if cfg.has_gate:
-        matmul += a.gate_dim * _gate_width(cfg)
+        matmul += a.gate_dim * (cfg.gate_width + (a.qk_rope_head_dim if a.gate_rope_key else 0))
         if a.gate_on == "latent":
             other += _norm_params(a.gate_norm, a.kv_lora_rank)
         else:

@@ -78,14 +78,8 @@ class EmbeddingGate(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         a = cfg.attention
-        if a.gate_on == "latent":
-            width = a.kv_lora_rank
-        elif a.gate_kv == "shared":
-            width = cfg.n_heads * a.qk_nope_head_dim
-        else:
-            width = cfg.n_heads * (a.qk_nope_head_dim + a.v_head_dim)
         self.rope_width = a.qk_rope_head_dim if a.gate_rope_key else 0
-        self.up = nn.Linear(a.gate_dim, width + self.rope_width, bias=False)
+        self.up = nn.Linear(a.gate_dim, cfg.gate_width + self.rope_width, bias=False)
         self.activation = {"none": nn.Identity(), "sigmoid": nn.Sigmoid(), "silu": nn.SiLU()}[a.gate_activation]
 
     def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

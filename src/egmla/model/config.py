@@ -111,6 +111,16 @@ class ModelConfig:
         return self.attention.variant == "egmla" and self.attention.gate_enabled
 
     @property
+    def gate_width(self) -> int:
+        """Width of EG-MLA's gate on what it multiplies: the K/V content (both, or one shared) or the latent."""
+        a = self.attention
+        if a.gate_on == "latent":
+            return a.kv_lora_rank
+        if a.gate_kv == "shared":
+            return self.n_heads * a.qk_nope_head_dim
+        return self.n_heads * (a.qk_nope_head_dim + a.v_head_dim)
+
+    @property
     def n_gate_tables(self) -> int:
         return -(-self.n_layers // self.attention.gate_group_size) if self.has_gate else 0
 
