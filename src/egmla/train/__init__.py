@@ -1,0 +1,1 @@
+"""Training: the LightningModule, the streaming DataModule, checkpoints, throughput, the egmla-train entry point."""

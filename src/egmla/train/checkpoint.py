@@ -1,0 +1,86 @@
+"""Checkpoints: atomic writes, and the checks that run before a resume so a bad one fails clearly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ..model import ConfigError, ModelConfig
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a torn checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def existing_checkpoints(run_dir: Path) -> list[Path]:
+    folder = checkpoint_dir(run_dir)
+    return sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint a run resumes from: None for a new run (refused if run_dir has checkpoints)."""
+    found = existing_checkpoints(run_dir)
+    if resume in (None, "", "null"):
+        if found:
+            raise ConfigError(
+                f"run_dir={run_dir} already has checkpoints ({', '.join(p.name for p in found)}): pass resume=last "
+                "to continue it, or another run_name for a new run"
+            )
+        return None
+    path = checkpoint_dir(run_dir) / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        hint = f"checkpoints there: {', '.join(p.name for p in found)}" if found else "start without resume"
+        raise ConfigError(f"resume={resume}: no checkpoint at {path} ({hint})")
+    return path
+
+
+def check_checkpoint(path: Path, model_cfg: ModelConfig) -> dict[str, Any]:
+    """Load a checkpoint's metadata and refuse one that is unreadable or was trained with another model."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # a truncated or foreign file: torch raises many different errors
+        raise ConfigError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): "
+            "resume from another checkpoint (resume=PATH) or start a new run"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"checkpoint {path} is not an egmla training checkpoint (no state_dict)")
+    saved = ckpt.get("egmla_model_config")
+    current = asdict(model_cfg)
+    if saved is not None and saved != current:
+        diffs = _differences(saved, current)
+        raise ConfigError(
+            f"checkpoint {path} was trained with a different model ({'; '.join(diffs[:4])}): resume with the "
+            "checkpoint's model and attention overrides, or start a new run"
+        )
+    return ckpt
+
+
+def _differences(saved: dict, current: dict, prefix: str = "model.") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, "attention." if key == "attention" else f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return out

@@ -1,0 +1,108 @@
+"""The DataModule: streamed, tokenized, packed batches whose position is saved in every checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.stream import PackedBatches, SourceSpec, StreamPosition
+from ..data.tokenizer import build_tokenizer
+from ..model import ConfigError
+
+
+class StreamDataModule(L.LightningDataModule):
+    """Training batches loop over the train source forever (epoch after epoch, reshuffled); validation reads
+    the first `val_batches` batches of the held-out source, the same ones every time."""
+
+    def __init__(self, data: dict[str, Any], seed: int):
+        super().__init__()
+        self.cfg = data
+        self.seed = seed
+        self.tokenizer = build_tokenizer(data["tokenizer"])
+        self.position = StreamPosition()
+
+    def check(self, vocab_size: int) -> None:
+        """Fail before anything is written: missing files, an unreachable hub dataset, a missing field, a
+        tokenizer the model cannot embed. Opening each source reads its first rows, nothing more."""
+        try:
+            self._dataset("train", rank=0, world=1)
+            self._dataset("val", rank=0, world=1)
+        except (FileNotFoundError, ConnectionError, ValueError) as exc:
+            raise ConfigError(f"data={self.cfg.get('name')}: {exc}") from None
+        if self.tokenizer.vocab_size > vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={vocab_size} is smaller than tokenizer {self.cfg['tokenizer']!r}'s "
+                f"{self.tokenizer.vocab_size} ids: set model.vocab_size={self.tokenizer.vocab_size}"
+            )
+
+    def _source(self, split: str) -> SourceSpec:
+        c = self.cfg
+        return SourceSpec(
+            path=c.get("path"),
+            name=c.get("config_name"),
+            data_files=c.get("data_files"),
+            split=split,
+            text_field=c.get("text_field"),
+            token_field=c.get("token_field"),
+            builder=c.get("builder"),
+        )
+
+    def _dataset(self, role: str, rank: int, world: int) -> PackedBatches:
+        c = self.cfg
+        train = role == "train"
+        return PackedBatches(
+            self._source(c["train_split"] if train else c["val_split"]),
+            self.tokenizer,
+            seq_len=c["seq_len"],
+            batch_size=c["batch_size"],
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            shuffle_window=c["shuffle_window"] if train else 0,
+            loop=train,
+            holdout_every=c.get("holdout_every"),
+            holdout_role=role,
+            resume=self.position.state_dict() if train and self.position.batches_consumed else None,
+            num_workers=max(1, c.get("num_workers", 0)),  # the stream counts the main process as one worker
+        )
+
+    def _loader(self, role: str) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        workers = self.cfg.get("num_workers", 0)
+        return DataLoader(
+            self._dataset(role, rank, world),
+            batch_size=None,  # the dataset yields whole batches
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if workers else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    # Each data-parallel rank reads its own shard, so a checkpoint keeps every rank's position. Lightning builds
+    # the checkpoint dict on every rank (and writes rank zero's), so all ranks take part in this gather.
+    def state_dict(self) -> dict[str, Any]:
+        state = self.position.state_dict()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+            return {"ranks": states}
+        return {"ranks": [state]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state["ranks"]
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if len(ranks) != (self.trainer.world_size if self.trainer is not None else 1):
+            raise ConfigError(
+                f"the checkpoint's data position was saved by {len(ranks)} ranks, this run has "
+                f"{self.trainer.world_size}: resume with the same number of devices"
+            )
+        self.position.load_state_dict(ranks[rank])

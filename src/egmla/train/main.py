@@ -1,0 +1,227 @@
+"""`egmla-train OVERRIDES...` (also `python -m egmla.train`): train one model selection, write results.json.
+
+Everything that can be wrong with a selection (config values, data paths, the tokenizer, the checkpoint to
+resume) is checked before the run directory is touched; errors are one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .. import accounting
+from ..config import compose, model_config
+from ..model import ConfigError
+from .rundir import environment, is_rank_zero, write_json
+
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp2")
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    from .schedule import SCHEDULES
+
+    o, t = cfg.optim, cfg.train
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={o.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
+    if not o.lr > 0:
+        raise ConfigError(f"optim.lr={o.lr} is invalid: expected a positive learning rate")
+    for key in ("max_steps", "val_every", "log_every", "ckpt_every", "val_batches"):
+        if not isinstance(t[key], int) or t[key] <= 0:
+            raise ConfigError(f"train.{key}={t[key]!r} is invalid: expected a positive integer")
+    if cfg.trainer.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"trainer.strategy={cfg.trainer.strategy!r} is invalid: expected one of {', '.join(STRATEGIES)}"
+        )
+    if cfg.trainer.strategy == "fsdp2":
+        raise ConfigError("trainer=fsdp is not implemented yet (it lands with FSDP2 scale-up): use trainer=ddp")
+
+
+def _logger(cfg: DictConfig, run_dir: Path):
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    if cfg.logger.name == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="csv")  # csv/version_N/metrics.csv: a resume adds N+1
+    if cfg.logger.name != "wandb":
+        raise ConfigError(f"logger.name={cfg.logger.name!r} is invalid: expected csv or wandb")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("logger=wandb needs the wandb package: pip install wandb (or use logger=csv)") from None
+    mode = cfg.logger.mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") or _has_netrc_key() else "offline"
+    return WandbLogger(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.logger.group,
+        name=cfg.run_name,
+        save_dir=str(run_dir),
+        mode=mode,
+        tags=list(cfg.logger.tags),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def _has_netrc_key() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def prepare(cfg: DictConfig) -> dict[str, Any]:
+    """Validate the whole selection; return what training needs. Writes nothing."""
+    from .checkpoint import check_checkpoint, resolve_resume
+    from .datamodule import StreamDataModule
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as exc:
+        raise ConfigError(f"config is incomplete: {str(exc).splitlines()[0]}") from None
+    mcfg = model_config(cfg)
+    _check_settings(cfg)
+    if cfg.data.seq_len > mcfg.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}: "
+            "lower one or raise the other"
+        )
+    run_dir = Path(cfg.run_dir)
+    resume = resolve_resume(cfg.resume, run_dir)
+    if resume is not None:
+        check_checkpoint(resume, mcfg)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    datamodule = StreamDataModule(data_cfg, seed=cfg.seed)
+    datamodule.check(mcfg.vocab_size)
+    return {"model_cfg": mcfg, "run_dir": run_dir, "resume": resume, "datamodule": datamodule}
+
+
+def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = None) -> dict[str, Any] | None:
+    """Fit, validate at the end, and write results.json (rank zero). Returns the results on rank zero.
+
+    `callbacks`: extra Lightning callbacks (tests use them to watch batches or to simulate a crash)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from .checkpoint import AtomicCheckpointIO, checkpoint_dir
+    from .module import LanguageModel
+    from .perf import Throughput
+    from .progress import StepProgressBar
+
+    mcfg, run_dir, datamodule = prepared["model_cfg"], prepared["run_dir"], prepared["datamodule"]
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_json(run_dir / "environment.json", environment(sys.argv))
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    t, d = cfg.train, cfg.data
+    accumulate = cfg.trainer.accumulate_grad_batches
+    token_bytes = torch.as_tensor(datamodule.tokenizer.token_bytes())
+    module = LanguageModel(mcfg, OmegaConf.to_container(cfg.optim), t.max_steps, token_bytes, compile=t.compile)
+    throughput = Throughput(accounting.flops_per_token(mcfg, d.seq_len), d.batch_size * d.seq_len, t.log_every)
+    checkpoints = ModelCheckpoint(
+        dirpath=checkpoint_dir(run_dir),
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=t.ckpt_every,
+        save_top_k=t.keep_checkpoints,
+        monitor="step",
+        mode="max",
+        save_last=True,
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        max_steps=t.max_steps,
+        val_check_interval=t.val_every * accumulate,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every,
+        logger=_logger(cfg, run_dir),
+        callbacks=[checkpoints, throughput, StepProgressBar(), *(callbacks or [])],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+        enable_model_summary=False,
+    )
+    summary = accounting.summary(mcfg, "bf16", d.seq_len)
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"kv/bytes_per_token": summary["kv"]["bytes_per_token"],
+                                    **{f"params/{k}": v for k, v in summary["params"].items()}})  # fmt: skip
+    trainer.fit(module, datamodule=datamodule, ckpt_path=prepared["resume"])
+    if module.last_val_step != trainer.global_step:  # the end is not on a validation step: validate once more
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    if not trainer.is_global_zero:
+        return None
+    tokens_per_step = d.batch_size * d.seq_len * trainer.world_size * accumulate
+    results = {
+        "run_name": cfg.run_name,
+        "experiment_name": cfg.get("experiment_name"),
+        "run_dir": str(run_dir),
+        "config": resolved,
+        **environment(sys.argv, short=True),
+        "params": summary["params"],
+        "kv": summary["kv"],
+        "flops_per_token": summary["flops_per_token"],
+        "train": {
+            "steps": trainer.global_step,
+            "tokens": trainer.global_step * tokens_per_step,
+            "tok_per_s": throughput.mean_tok_per_s,
+            "mfu": throughput.last_mfu,
+            "devices": trainer.world_size,
+            "resumed_from": str(prepared["resume"]) if prepared["resume"] else None,
+        },
+        "val": module.last_val,
+    }
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="egmla-train",
+        description="Train one model selection. Arguments are Hydra overrides of conf/train.yaml.",
+        epilog="example: egmla-train experiment=demo_tiny attention=egmla attention.gate_dim=64",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=120m attention=mla trainer=gpu")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = compose(args.overrides)
+        if args.print_config:
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+            return 0
+        prepared = prepare(cfg)
+    except ConfigError as exc:
+        print(f"egmla-train: error: {exc}", file=sys.stderr)
+        return 2
+    from .module import NonFiniteLossError
+
+    try:
+        results = train(cfg, prepared)
+    except NonFiniteLossError as exc:
+        print(f"egmla-train: error: {exc}", file=sys.stderr)
+        return 1
+    if results is not None:
+        val = results["val"] or {}
+        print(
+            f"{cfg.run_name}: {results['train']['steps']} steps, {results['train']['tokens']:,} tokens, "
+            f"val/loss {val.get('loss', float('nan')):.4f}, val/bpb {val.get('bpb', float('nan')):.4f}, "
+            f"KV {results['kv']['bytes_per_token']:,} B/token -> {prepared['run_dir'] / 'results.json'}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

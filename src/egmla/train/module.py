@@ -1,0 +1,142 @@
+"""The LightningModule: next-token training of any attention variant, validation loss and bits per byte."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from ..model import ModelConfig, Transformer
+from .schedule import lr_multiplier
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; checkpoints already written are left as they were."""
+
+
+class LanguageModel(L.LightningModule):
+    """Wraps the pure-PyTorch Transformer; optimizer settings come from the `optim` config group.
+
+    token_bytes [vocab]: UTF-8 bytes each token id stands for, to report validation bits per byte.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, optim: dict[str, Any], max_steps: int, token_bytes: torch.Tensor,
+                 compile: bool = False):  # fmt: skip
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.optim = optim
+        self.max_steps = max_steps
+        self.compile = compile
+        self.model = Transformer(model_cfg)
+        self.register_buffer("token_bytes", token_bytes.to(torch.float64), persistent=False)
+        self._val_sums = torch.zeros(3, dtype=torch.float64)  # nats, target tokens, target bytes
+        self.last_val: dict[str, float] | None = None  # the latest validation's loss and bpb
+        self.last_val_step = -1
+
+    def configure_model(self) -> None:
+        if self.compile:
+            self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids)
+
+    def _loss(self, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch["input_ids"])
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step}: lower optim.lr or raise "
+                "optim.warmup_steps, then resume from the last checkpoint (resume=last)"
+            )
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            datamodule.position.update(batch["state"])  # this batch is consumed: resume after it
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        ids = batch["input_ids"]
+        nats = self._loss(ids, reduction="sum").double()
+        targets = ids[:, 1:]
+        self._val_sums += torch.stack(
+            [nats, torch.tensor(targets.numel(), device=self.device, dtype=torch.float64),
+             self.token_bytes[targets].sum()]
+        )  # fmt: skip
+
+    def on_validation_epoch_end(self) -> None:
+        nats, tokens, nbytes = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
+        if tokens == 0:
+            return
+        self.last_val = {"loss": nats / tokens, "bpb": nats / math.log(2) / nbytes if nbytes else None,
+                         "tokens": int(tokens)}  # fmt: skip
+        self.last_val_step = self.global_step
+        self.log("val/loss", self.last_val["loss"], prog_bar=True)
+        if nbytes:
+            self.log("val/bpb", self.last_val["bpb"])
+
+    def configure_optimizers(self):
+        o = self.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # Norm gains, biases, the token embedding (tied to the output head) and gate tables: no decay.
+            is_table = name.startswith(("embed", "gate_tables"))
+            (no_decay if p.ndim < 2 or is_table else decay).append(p)
+        fused = o.get("fused", "auto")
+        if fused == "auto":
+            fused = all(p.is_cuda for p in decay + no_decay)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+            eps=o["eps"],
+            fused=bool(fused),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step, self.max_steps, o["warmup_steps"], o["schedule"], o["min_lr_ratio"], o["decay_fraction"]
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """The config's optimizer settings win over a resumed checkpoint's (PyTorch would keep the old ones)."""
+        o = self.optim
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [o["lr"]] * len(scheduler.base_lrs)
+        for optimizer in self.trainer.optimizers:
+            decay, no_decay = optimizer.param_groups
+            decay["weight_decay"] = o["weight_decay"]
+            for group in (decay, no_decay):
+                group.update(initial_lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+            multiplier = lr_multiplier(
+                self.global_step,
+                self.max_steps,
+                o["warmup_steps"],
+                o["schedule"],
+                o["min_lr_ratio"],
+                o["decay_fraction"],
+            )
+            for group in (decay, no_decay):
+                group["lr"] = o["lr"] * multiplier
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("lr", optimizer.param_groups[0]["lr"], on_step=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["egmla_model_config"] = asdict(self.model_cfg)

@@ -1,0 +1,83 @@
+"""Training throughput and model FLOPs utilisation (MFU), logged as perf/tok_per_s and perf/mfu.
+
+MFU convention (DESIGN.md): flops_per_token (6 x matmul params + 6 x layers x heads x (d_qk + d_v) x seq,
+no causal discount) x tokens/s / (bf16 dense peak of the GPU x GPUs). No MFU on CPUs (no agreed peak).
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+# bf16 dense tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+class Throughput(L.Callback):
+    """Tokens per second (all ranks) over windows of `log_every` optimizer steps, and MFU.
+
+    A window is wall time between log points, data loading included and validation excluded; the GPU is
+    synchronised only at log points. Run totals (tokens, seconds) feed results.json.
+    """
+
+    def __init__(self, flops_per_token: float, tokens_per_batch: int, log_every: int):
+        self.flops_per_token = flops_per_token
+        self.tokens_per_batch = tokens_per_batch  # one micro-batch on one rank
+        self.log_every = max(1, log_every)
+        self.tokens = 0  # trained tokens, all ranks, this process's run (not before a resume)
+        self.seconds = 0.0
+        self.last_tok_per_s: float | None = None
+        self.last_mfu: float | None = None
+        self._window_tokens = 0
+        self._window_start: float | None = None
+
+    def _now(self, pl_module) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._window_start is None:
+            self._window_start = self._now(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._window_tokens += self.tokens_per_batch * trainer.world_size
+        if trainer.fit_loop._should_accumulate() or trainer.global_step % self.log_every:
+            return
+        self._close_window(pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._window_start is not None and self._window_tokens:
+            self._close_window(pl_module, log=False)
+        self._window_start = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._window_start is not None and self._window_tokens:
+            self._close_window(pl_module, log=False)
+
+    def _close_window(self, pl_module, log: bool = True) -> None:
+        elapsed = self._now(pl_module) - self._window_start
+        self.tokens += self._window_tokens
+        self.seconds += elapsed
+        if log and elapsed > 0:
+            self.last_tok_per_s = self._window_tokens / elapsed
+            pl_module.log("perf/tok_per_s", self.last_tok_per_s, prog_bar=True, on_step=True, rank_zero_only=True)
+            peak = peak_flops(pl_module.device)
+            if peak:
+                self.last_mfu = self.flops_per_token * self.last_tok_per_s / (peak * pl_module.trainer.world_size)
+                pl_module.log("perf/mfu", self.last_mfu, on_step=True, rank_zero_only=True)
+        self._window_tokens = 0
+        self._window_start = time.perf_counter()
+
+    @property
+    def mean_tok_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds else None

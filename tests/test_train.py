@@ -1,0 +1,219 @@
+"""Training end to end on the CPU through the real conf/ tree: every size x variant trains, a stopped run
+resumes onto the exact batches and losses of an uninterrupted one, the same seed repeats itself, and bad
+inputs fail in one line without touching checkpoints already written."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from egmla import ConfigError, compose
+from egmla.train.main import main, prepare, train
+
+WORDS = "the of and to in that it is was he for on are as with his they at be this from have or by one".split()  # noqa: SIM905
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small jsonl corpus: 300 training and 40 validation documents of random words."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for name, n in (("train", 300), ("val", 40)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for i in range(n):
+                text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120)))
+                f.write(json.dumps({"text": f"{name} document {i}: {text}."}) + "\n")
+    return root
+
+
+def overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "model=tiny",
+        "model.vocab_size=257",
+        "data=local",
+        f"data.data_files.train={corpus / 'train.jsonl'}",
+        f"data.data_files.validation={corpus / 'val.jsonl'}",
+        "data.tokenizer=bytes",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_window=8",
+        f"run_dir={run_dir}",
+        "train.max_steps=6",
+        "train.val_every=3",
+        "train.val_batches=2",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+        "optim.warmup_steps=2",
+        *extra,
+    ]
+
+
+class BatchRecorder(L.Callback):
+    """Records (step, sha1 of the batch's token ids, loss) for every trained batch."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        digest = hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:12]
+        self.rows.append((trainer.global_step, digest, round(float(outputs["loss"]), 6)))
+
+
+class Crash(L.Callback):
+    """Simulates a crash (after the step's checkpoint was written) once `at_step` optimizer steps are done."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def run(args: list[str], callbacks=None) -> dict:
+    cfg = compose(args)
+    return train(cfg, prepare(cfg), callbacks=callbacks)
+
+
+@pytest.mark.parametrize("attention", ["mha", "gqa", "mqa", "mla", "egmla"])
+def test_tiny_every_variant_trains_and_writes_results(corpus, tmp_path, attention):
+    results = run(overrides(corpus, tmp_path / "run", f"attention={attention}"))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["train"]["steps"] == 6 and saved["train"]["tokens"] == 6 * 4 * 32
+    assert saved["config"]["attention"]["variant"] == attention
+    assert saved["kv"]["bytes_per_token"] == results["kv"]["bytes_per_token"] > 0
+    assert set(saved["params"]) == {"non_embedding", "embedding", "gate_tables", "total"}
+    assert (saved["params"]["gate_tables"] > 0) == (attention == "egmla")
+    assert 0 < saved["val"]["loss"] < 6 and 0 < saved["val"]["bpb"] < 9
+    assert saved["train"]["tok_per_s"] > 0 and saved["git"]["commit"]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "environment.json").is_file()
+
+
+@pytest.mark.parametrize("attention", ["mha", "gqa", "mqa", "mla", "egmla"])
+def test_120m_every_variant_trains_a_step(corpus, tmp_path, attention):
+    small = ["data.seq_len=16", "data.batch_size=1", "train.max_steps=1", "train.val_batches=1", "train.ckpt_every=100"]
+    args = overrides(corpus, tmp_path / "run", "model=120m", f"attention={attention}", *small)
+    args.remove("model.vocab_size=257")  # the paper's GPT-2 vocabulary; byte ids fit inside it
+    results = run(args)
+    assert results["train"]["steps"] == 1 and results["val"]["loss"] > 0
+    assert results["config"]["model"]["d_model"] == 768
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step from every csv log version of a run (a resume writes a new version)."""
+    out = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            out |= {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_on_the_same_batches_and_losses(corpus, tmp_path, workers):
+    extra = [f"data.num_workers={workers}", "train.max_steps=8", "train.ckpt_every=3"]
+    straight = BatchRecorder()
+    run(overrides(corpus, tmp_path / "straight", *extra), callbacks=[straight])
+
+    first = BatchRecorder()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(overrides(corpus, tmp_path / "resumed", *extra), callbacks=[first, Crash(at_step=5)])
+    second = BatchRecorder()
+    results = run(overrides(corpus, tmp_path / "resumed", *extra, "resume=last"), callbacks=[second])
+
+    # The crash came after step 5, the last checkpoint is step 3: steps 4-5 are trained again, identically.
+    assert first.rows == straight.rows[:5]
+    assert second.rows == straight.rows[3:]
+    assert results["train"]["resumed_from"].endswith("last.ckpt") and results["train"]["steps"] == 8
+    expected = json.loads((tmp_path / "straight" / "results.json").read_text())["val"]["loss"]
+    assert results["val"]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_same_seed_same_loss_curve(corpus, tmp_path):
+    a = run(overrides(corpus, tmp_path / "a"))
+    b = run(overrides(corpus, tmp_path / "b"))
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 6
+    assert a["val"]["loss"] == b["val"]["loss"]
+    run(overrides(corpus, tmp_path / "c", "seed=7"))
+    assert _losses(tmp_path / "c") != _losses(tmp_path / "a")
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.ckpt"))}
+
+
+@pytest.fixture
+def trained(corpus, tmp_path) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    run(overrides(corpus, tmp_path / "run", "train.max_steps=4"))
+    return tmp_path / "run"
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("egmla-train: error: "), err
+    return err[0]
+
+
+def test_bad_inputs_fail_in_one_line_and_keep_checkpoints(corpus, trained, capsys):
+    before = _snapshot(trained / "checkpoints")
+    assert set(before) == {"last.ckpt", "step0000002.ckpt", "step0000004.ckpt"}
+    base = overrides(corpus, trained, "train.max_steps=4")
+
+    missing = _error(capsys, [*base, "resume=last", "data.data_files.train=/nowhere/train.jsonl"])
+    assert "data file not found: /nowhere/train.jsonl" in missing
+    assert "no config 'attention/bogus'" in _error(capsys, [*base, "attention=bogus"])
+    assert "already has checkpoints" in _error(capsys, base)  # a new run never overwrites an old one
+    assert "was trained with a different model" in _error(capsys, [*base, "attention=mla", "resume=last"])
+    assert "no checkpoint at" in _error(capsys, [*base, f"resume={trained / 'missing.ckpt'}"])
+
+    corrupt = trained / "checkpoints" / "corrupt.ckpt"
+    corrupt.write_bytes((trained / "checkpoints" / "last.ckpt").read_bytes()[:1000])  # truncated
+    assert "is unreadable" in _error(capsys, [*base, f"resume={corrupt}"])
+    corrupt.unlink()
+
+    # NaN/inf loss: a learning rate that blows the weights up, resumed from the finished run (no periodic
+    # checkpoint falls before the failure, so every file must stay byte-identical).
+    nan_run = [*base, "resume=last", "train.max_steps=30", "train.ckpt_every=100", "optim.lr=1e30",
+               "optim.grad_clip=0", "optim.warmup_steps=1"]  # fmt: skip
+    message = _error(capsys, nan_run)
+    assert "training loss is" in message and "resume=last" in message
+    assert _snapshot(trained / "checkpoints") == before
+
+
+def test_invalid_training_settings_are_config_errors(corpus, tmp_path):
+    for extra, text in [
+        (["optim.schedule=linear"], "optim.schedule='linear' is invalid"),
+        (["train.max_steps=0"], "train.max_steps=0 is invalid"),
+        (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
+        (["model.vocab_size=100"], "model.vocab_size=100 is smaller than tokenizer 'bytes'"),
+        (["trainer=fsdp"], "trainer=fsdp is not implemented yet"),
+    ]:
+        with pytest.raises(ConfigError, match=text.replace("(", r"\(").replace("[", r"\[")):
+            prepare(compose(overrides(corpus, tmp_path / "x", *extra)))
+    assert not (tmp_path / "x").exists()  # nothing written for a refused selection
+
+
+def test_weight_decay_skips_norms_embeddings_and_gate_tables(corpus, tmp_path):
+    from egmla.train.module import LanguageModel
+
+    cfg = compose(overrides(corpus, tmp_path, "attention=egmla"))
+    prepared = prepare(cfg)
+    module = LanguageModel(prepared["model_cfg"], dict(cfg.optim), 10, torch.ones(257))
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "embed.weight" in no_decay_names and "gate_tables.0.weight" in no_decay_names
+    assert all(n.endswith(("norm.weight", "norm.bias", ".weight")) for n in no_decay_names)
+    assert all(names[id(p)].endswith(".weight") and p.ndim == 2 for p in decay["params"])
+    assert "blocks.0.attn.wq.weight" in {names[id(p)] for p in decay["params"]}
