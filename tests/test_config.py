@@ -7,7 +7,7 @@ import torch
 
 from egmla import ConfigError, accounting, build_model, compose, kv_bytes_per_token, model_config
 
-SIZES = ["tiny", "120m"]
+SIZES = ["tiny", "120m", "650m", "1.2b"]
 ATTENTIONS = ["mha", "gqa", "mqa", "mla", "egmla"]
 
 

@@ -217,3 +217,41 @@ def test_weight_decay_skips_norms_embeddings_and_gate_tables(corpus, tmp_path):
     assert all(n.endswith(("norm.weight", "norm.bias", ".weight")) for n in no_decay_names)
     assert all(names[id(p)].endswith(".weight") and p.ndim == 2 for p in decay["params"])
     assert "blocks.0.attn.wq.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_two_process_ddp_trains_and_resumes(corpus, tmp_path):
+    """Two CPU ranks (gloo) through the real command line: each rank's data position is saved, and a resume
+    continues both. Lightning re-launches the command once per extra rank, so this runs as a subprocess."""
+    import subprocess
+    import sys
+
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    args = overrides(corpus, tmp_path / "run", *ddp, "train.max_steps=4", "train.ckpt_every=2")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    first = subprocess.run([sys.executable, "-m", "egmla.train", *args], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    ranks = ckpt["StreamDataModule"]["ranks"]
+    assert len(ranks) == 2 and ranks[0] != ranks[1]  # each rank's own position
+    assert all(r["batches_consumed"] == 4 for r in ranks)
+
+    again = [*args, "resume=last", "train.max_steps=6"]
+    second = subprocess.run([sys.executable, "-m", "egmla.train", *again], env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["steps"] == 6 and results["train"]["devices"] == 2
+    assert results["train"]["tokens"] == 6 * 2 * 4 * 32
+
+
+def test_wandb_logger_is_offline_without_a_key_and_grouped_by_experiment(corpus, tmp_path, monkeypatch):
+    from egmla.train.main import _logger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a wandb key
+    cfg = compose(overrides(corpus, tmp_path / "run", "logger=wandb", "experiment_name=table1_120m"))
+    logger = _logger(cfg, tmp_path / "run")
+    init = logger._wandb_init  # what wandb.init will receive (the run starts lazily)
+    assert init["mode"] == "offline" and init["group"] == "table1_120m" and init["project"] == "egmla"
+    assert init["name"] == cfg.run_name and init["dir"] == str(tmp_path / "run")
+    no_group = _logger(compose(overrides(corpus, tmp_path / "run", "logger=wandb")), tmp_path / "run")
+    assert no_group._wandb_init["group"] == cfg.run_name  # no experiment: the run's own name

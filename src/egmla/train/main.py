@@ -58,7 +58,7 @@ def _logger(cfg: DictConfig, run_dir: Path):
     return WandbLogger(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
-        group=cfg.logger.group,
+        group=cfg.logger.group or cfg.get("experiment_name") or cfg.run_name,
         name=cfg.run_name,
         save_dir=str(run_dir),
         mode=mode,
