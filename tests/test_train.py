@@ -255,3 +255,9 @@ def test_wandb_logger_is_offline_without_a_key_and_grouped_by_experiment(corpus,
     assert init["name"] == cfg.run_name and init["dir"] == str(tmp_path / "run")
     no_group = _logger(compose(overrides(corpus, tmp_path / "run", "logger=wandb")), tmp_path / "run")
     assert no_group._wandb_init["group"] == cfg.run_name  # no experiment: the run's own name
+
+
+def test_last_checkpoint_holds_the_final_step(corpus, tmp_path):
+    run(overrides(corpus, tmp_path / "run", "train.max_steps=5", "train.ckpt_every=2"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 5

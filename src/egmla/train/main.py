@@ -83,6 +83,10 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"config is incomplete: {str(exc).splitlines()[0]}") from None
     mcfg = model_config(cfg)
     _check_settings(cfg)
+    if str(cfg.trainer.precision).startswith("16"):
+        raise ConfigError(
+            f"trainer.precision={cfg.trainer.precision} is not supported (fp16 needs loss scaling): use bf16-mixed"
+        )
     if cfg.data.seq_len > mcfg.max_seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}: "
@@ -119,6 +123,8 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         write_json(run_dir / "environment.json", environment(sys.argv))
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
     t, d = cfg.train, cfg.data
     accumulate = cfg.trainer.accumulate_grad_batches
     token_bytes = torch.as_tensor(datamodule.tokenizer.token_bytes())
@@ -141,7 +147,6 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         strategy=cfg.trainer.strategy,
         precision=cfg.trainer.precision,
         accumulate_grad_batches=accumulate,
-        gradient_clip_val=cfg.optim.grad_clip or None,
         max_steps=t.max_steps,
         val_check_interval=t.val_every * accumulate,
         check_val_every_n_epoch=None,
@@ -160,6 +165,9 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
             logger.log_hyperparams({"kv/bytes_per_token": summary["kv"]["bytes_per_token"],
                                     **{f"params/{k}": v for k, v in summary["params"].items()}})  # fmt: skip
     trainer.fit(module, datamodule=datamodule, ckpt_path=prepared["resume"])
+    last = checkpoint_dir(run_dir) / "last.ckpt"
+    if checkpoints._last_global_step_saved != trainer.global_step and not trainer.interrupted:
+        trainer.save_checkpoint(last)  # the final step, when it is not a multiple of train.ckpt_every
     if module.last_val_step != trainer.global_step:  # the end is not on a validation step: validate once more
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if not trainer.is_global_zero:
@@ -177,8 +185,8 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         "train": {
             "steps": trainer.global_step,
             "tokens": trainer.global_step * tokens_per_step,
-            "tok_per_s": throughput.mean_tok_per_s,
-            "mfu": throughput.last_mfu,
+            "tok_per_s": throughput.steady_tok_per_s,  # after the first log window (compilation, warm-up)
+            "mfu": throughput.steady_mfu(module),
             "devices": trainer.world_size,
             "resumed_from": str(prepared["resume"]) if prepared["resume"] else None,
         },

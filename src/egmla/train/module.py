@@ -135,7 +135,15 @@ class LanguageModel(L.LightningModule):
                 group["lr"] = o["lr"] * multiplier
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+        # Clipping here rather than through the Trainer: Lightning refuses its own clipping with fused AdamW,
+        # which is right for fp16's loss scaling but needless in bf16 and fp32, where gradients are unscaled.
+        max_norm = self.optim.get("grad_clip") or 0
+        log = self.global_step % max(1, self.trainer.log_every_n_steps) == 0
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if log:
+                self.log("train/grad_norm", norm, on_step=True)
+        if log:
             self.log("lr", optimizer.param_groups[0]["lr"], on_step=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -26,15 +26,14 @@ class Throughput(L.Callback):
     """Tokens per second (all ranks) over windows of `log_every` optimizer steps, and MFU.
 
     A window is wall time between log points, data loading included and validation excluded; the GPU is
-    synchronised only at log points. Run totals (tokens, seconds) feed results.json.
+    synchronised only at log points. results.json reports the steady state: every window but the first.
     """
 
     def __init__(self, flops_per_token: float, tokens_per_batch: int, log_every: int):
         self.flops_per_token = flops_per_token
         self.tokens_per_batch = tokens_per_batch  # one micro-batch on one rank
         self.log_every = max(1, log_every)
-        self.tokens = 0  # trained tokens, all ranks, this process's run (not before a resume)
-        self.seconds = 0.0
+        self.windows: list[tuple[int, float]] = []  # (tokens, seconds) per closed window, this process
         self.last_tok_per_s: float | None = None
         self.last_mfu: float | None = None
         self._window_tokens = 0
@@ -66,8 +65,7 @@ class Throughput(L.Callback):
 
     def _close_window(self, pl_module, log: bool = True) -> None:
         elapsed = self._now(pl_module) - self._window_start
-        self.tokens += self._window_tokens
-        self.seconds += elapsed
+        self.windows.append((self._window_tokens, elapsed))
         if log and elapsed > 0:
             self.last_tok_per_s = self._window_tokens / elapsed
             pl_module.log("perf/tok_per_s", self.last_tok_per_s, prog_bar=True, on_step=True, rank_zero_only=True)
@@ -79,5 +77,14 @@ class Throughput(L.Callback):
         self._window_start = time.perf_counter()
 
     @property
-    def mean_tok_per_s(self) -> float | None:
-        return self.tokens / self.seconds if self.seconds else None
+    def steady_tok_per_s(self) -> float | None:
+        """Tokens/s over all windows but the first, which holds compilation and warm-up (all, if only one)."""
+        windows = self.windows[1:] or self.windows
+        seconds = sum(s for _, s in windows)
+        return sum(t for t, _ in windows) / seconds if seconds else None
+
+    def steady_mfu(self, pl_module) -> float | None:
+        peak, tok_per_s = peak_flops(pl_module.device), self.steady_tok_per_s
+        if not peak or not tok_per_s:
+            return None
+        return self.flops_per_token * tok_per_s / (peak * pl_module.trainer.world_size)
