@@ -30,7 +30,8 @@ def git_commit() -> dict[str, Any]:
                                 capture_output=True, text=True, timeout=10).stdout  # fmt: skip
         return {"commit": commit, "dirty": bool(status.strip())}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        # A copy of the tree without .git (e.g. shipped to a GPU machine): the launcher may say the commit.
+        return {"commit": os.environ.get("EGMLA_GIT_COMMIT"), "dirty": None}
 
 
 def _versions() -> dict[str, str | None]:
