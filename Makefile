@@ -21,6 +21,7 @@ setup: $(VENV)/.installed  ## create .venv and install egmla with its test tools
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps sweeps==0.3.0
 	touch $@
 
 test: setup lint  ## lint, then run the whole test suite offline on the CPU
