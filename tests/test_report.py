@@ -1,0 +1,247 @@
+"""egmla-table: the accuracy-vs-KV table from hand-made results.json files (savings, missing values, Pareto
+front, sorting, every output file)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from egmla.report import collect, main, pareto_front
+
+MODELS = {
+    "tiny": dict(
+        n_layers=4,
+        d_model=128,
+        n_heads=4,
+        ffn_hidden=384,
+        max_seq_len=256,
+        attention_defaults=dict(
+            head_dim=32, rope_head_dim=16, mla_kv_lora_rank=64, egmla_kv_lora_rank=16, gate_dim=32, n_kv_heads=2
+        ),
+    ),
+    "120m": dict(
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        ffn_hidden=2048,
+        max_seq_len=2048,
+        attention_defaults=dict(
+            head_dim=64, rope_head_dim=64, mla_kv_lora_rank=256, egmla_kv_lora_rank=64, gate_dim=256, n_kv_heads=4
+        ),
+    ),
+}
+
+
+def attention(size: str, variant: str, kv: int | None = None, gate: int | None = None) -> dict:
+    d = MODELS[size]["attention_defaults"]
+    if variant in ("mha", "gqa", "mqa"):
+        return {"name": variant, "variant": variant, "head_dim": None}
+    a = {
+        "variant": variant,
+        "kv_lora_rank": kv,
+        "qk_nope_head_dim": d["head_dim"],
+        "qk_rope_head_dim": d["rope_head_dim"],
+        "v_head_dim": d["head_dim"],
+        "q_lora_rank": None,
+    }
+    if variant == "mla":
+        return a | {"name": f"mla-kv{kv}"}
+    return a | {"name": f"egmla-kv{kv}-g{gate}", "gate_dim": gate, "gate_enabled": True}
+
+
+def kv_elements(size: str, variant: str, kv: int | None) -> int:
+    m = MODELS[size]
+    if variant == "mha":
+        return 2 * m["n_layers"] * m["d_model"]
+    return m["n_layers"] * (kv + m["attention_defaults"]["rope_head_dim"])
+
+
+def write_run(
+    root: Path,
+    name: str,
+    size: str,
+    variant: str,
+    kv: int | None = None,
+    gate: int | None = None,
+    loss: float | None = 3.0,
+    accs: dict | None = None,
+    avg: float | None = None,
+) -> Path:
+    """A results.json as egmla-train (and egmla-eval, when `accs`) write it."""
+    model = {
+        "name": size,
+        "vocab_size": 50257,
+        "rope_theta": 10000.0,
+        "norm_eps": 1e-6,
+        "tie_embeddings": True,
+        "init_std": 0.02,
+        **MODELS[size],
+    }
+    elements = kv_elements(size, variant, kv)
+    gate_tables = MODELS[size]["n_layers"] * 50257 * gate if gate else 0
+    results = {
+        "run_name": name,
+        "experiment_name": "test",
+        "run_dir": str(root / name),
+        "config": {"model": model, "attention": attention(size, variant, kv, gate)},
+        "git": {"commit": "0123456789abcdef0123", "dirty": False},
+        "machine": {"host": "gpu-node-1", "cpus": 64, "gpus": ["NVIDIA H100 80GB HBM3"] * 8},
+        "date": "2026-11-20T10:00:00+00:00",
+        "params": {
+            "non_embedding": 85_000_000,
+            "embedding": 38_597_376,
+            "gate_tables": gate_tables,
+            "total": 123_597_376 + gate_tables,
+        },
+        "kv": {
+            "elements_per_layer": elements // MODELS[size]["n_layers"],
+            "elements_per_token": elements,
+            "bytes_per_token": 2 * elements,
+            "dtype": "bf16",
+            "id_bytes_per_token": 4 if gate else 0,
+        },
+        "flops_per_token": 1,
+        "train": {"steps": 100, "tokens": 50_000_000_000, "tok_per_s": 1e5, "mfu": 0.4, "devices": 8},
+        "val": {"loss": loss, "bpb": None if loss is None else loss / 2.5, "tokens": 1000},
+    }
+    if accs is not None:
+        results["eval"] = {task: {"acc": a, "acc_norm": a + 0.01, "acc_stderr": 0.01} for task, a in accs.items()}
+        results["eval"]["lambada_openai"] = {"acc": 0.3, "perplexity": 40.5}
+        results["avg_acc"] = avg
+        results["eval_config"] = {
+            "tasks": [*accs, "lambada_openai"],
+            "limit": None,
+            "metrics": {"hellaswag": "acc_norm", "lambada_openai": "perplexity"},
+        }
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(results))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """A Table-1-like set: 120M MHA / MLA / EG-MLA kv64 / kv16 (kv16 not evaluated), plus a tiny MHA run."""
+    root = tmp_path / "runs"
+
+    def accs(a: float) -> dict:
+        return {"piqa": a, "hellaswag": a - 0.1}
+
+    write_run(root / "sweep", "egmla64", "120m", "egmla", 64, 256, loss=3.10, accs=accs(0.60), avg=0.4433)
+    write_run(root / "sweep", "mha", "120m", "mha", loss=3.00, accs=accs(0.62), avg=0.4500)
+    write_run(root / "sweep", "mla", "120m", "mla", 256, loss=3.12, accs=accs(0.58), avg=0.4384)
+    write_run(root / "sweep" / "nested", "egmla16", "120m", "egmla", 16, 256, loss=None)
+    write_run(root / "other", "tiny-mha", "tiny", "mha", loss=4.5)
+    return root
+
+
+def rows(out: Path) -> list[dict]:
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def md_rows(out: Path) -> dict[str, list[str]]:
+    """Markdown table rows by attention name (second column)."""
+    lines = [ln for ln in (out / "table.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
+    header, *body = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    return {"header": header} | {f"{r[0]}/{r[1]}": r for r in body}
+
+
+def test_table_files_savings_and_order(runs, tmp_path, capsys):
+    out = tmp_path / "table"
+    assert main([str(runs / "sweep"), str(runs / "other" / "tiny-mha"), "--out", str(out), "--title", "T1"]) == 0
+    for name in ("table.md", "results.csv", "table.tex", "acc_vs_kv.png", "loss_vs_kv.png"):
+        assert (out / name).stat().st_size > 0, name
+    for png in ("acc_vs_kv.png", "loss_vs_kv.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = rows(out)
+    # sorted by model size, then KV bytes: tiny first; at 120M kv16 < kv64 < MLA < MHA
+    assert [r["run"] for r in table] == ["tiny-mha", "egmla16", "egmla64", "mla", "mha"]
+    by = {r["run"]: r for r in table}
+    assert float(by["egmla64"]["saving_vs_mha"]) == pytest.approx(1 - 1536 / 18432)  # 91.67%
+    assert float(by["egmla64"]["saving_vs_mla"]) == pytest.approx(1 - 1536 / 3840)  # 60.0%
+    assert float(by["egmla16"]["saving_vs_mla"]) == pytest.approx(1 - 960 / 3840)
+    assert float(by["mla"]["saving_vs_mla"]) == 0.0 and float(by["mha"]["saving_vs_mha"]) == 0.0
+    # the tiny run's references are its own size's: MHA 2 x 4 x 128, MLA 4 x (64 + 16)
+    assert float(by["tiny-mha"]["saving_vs_mla"]) == pytest.approx(1 - 1024 / 320)
+    assert by["egmla64"]["kv_lora_rank"] == "64" and by["egmla64"]["gate_dim"] == "256"
+    assert by["mla"]["kv_lora_rank"] == "256" and by["mla"]["gate_dim"] == ""
+    assert float(by["egmla64"]["hellaswag/acc_norm"]) == pytest.approx(0.51)  # the headline metric eval_config names
+    assert by["egmla64"]["lambada_openai/perplexity"] == "40.5"
+
+    md = md_rows(out)
+    assert md["120m/egmla-kv64-g256"][8:10] == ["91.67%", "60.00%"]
+    assert md["120m/egmla-kv64-g256"][md["header"].index("hellaswag (acc_norm)")] == "51.00"  # percent
+    assert md["120m/egmla-kv64-g256"][md["header"].index("avg acc")] == "44.33"
+    text = (out / "table.md").read_text()
+    assert text.startswith("# T1")
+    assert "egmla-table" in text and "--title T1" in text  # the exact command
+    assert "8 x NVIDIA H100 80GB HBM3" in text and "0123456789ab" in text and "2026-11-20" in text
+    assert "acc_vs_kv.png" in capsys.readouterr().out
+
+
+def test_missing_values_stay_missing(runs, tmp_path):
+    out = tmp_path / "table"
+    assert main([str(runs), "--out", str(out)]) == 0
+    by = {r["run"]: r for r in rows(out)}
+    kv16, tiny = by["egmla16"], by["tiny-mha"]
+    for key in ("val_loss", "val_bpb", "piqa/acc", "avg_acc", "pareto_acc_vs_kv"):
+        assert kv16[key] == "", key  # empty, never 0
+    assert tiny["saving_vs_mha"] == "0.0" and tiny["val_loss"] == "4.5"
+    md = md_rows(out)
+    row = md["120m/egmla-kv16-g256"]
+    header = md["header"]
+    for column in ("val loss", "val bpb", "piqa", "avg acc"):
+        assert row[header.index(column)] == "—", column
+    assert "0.00" not in row[header.index("val loss") :]
+    tex = (out / "table.tex").read_text()
+    kv16_line = next(ln for ln in tex.splitlines() if ln.startswith("120m & egmla-kv16"))
+    assert kv16_line.count("---") >= 4 and "egmla-kv16-g256" in kv16_line
+    assert "\\toprule" in tex and "d\\_c" in tex and "91.67\\%" in tex
+
+
+def test_without_accuracies_the_accuracy_plot_is_skipped_with_a_note(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "mha", "120m", "mha")
+    write_run(root, "egmla", "120m", "egmla", 64, 256)
+    out = tmp_path / "table"
+    assert main([str(root), "--out", str(out)]) == 0
+    assert not (out / "acc_vs_kv.png").exists() and (out / "loss_vs_kv.png").is_file()
+    text = (out / "table.md").read_text()
+    assert "No run has accuracies" in text
+    assert "Pareto" not in md_rows(out)["header"]
+
+
+def test_pareto_front_small_example():
+    # (KV bytes, accuracy): lower KV and higher accuracy are better
+    points = [(1, 0.50), (2, 0.60), (2, 0.55), (3, 0.60), (4, 0.70), (4, 0.70), (None, 0.90), (5, None), (6, 0.65)]
+    assert pareto_front(points) == [True, True, False, False, True, True, False, False, False]
+    # loss: lower is better on both axes
+    assert pareto_front([(1, 3.0), (2, 2.5), (3, 2.7), (4, 2.0)], maximize=False) == [True, True, False, True]
+    assert pareto_front([]) == []
+
+
+def test_pareto_column_marks_the_front(runs, tmp_path):
+    out = tmp_path / "table"
+    assert main([str(runs / "sweep"), "--out", str(out)]) == 0
+    front = {r["run"]: r["pareto_acc_vs_kv"] for r in rows(out)}
+    # kv64 (3,072 B, 44.33) and MHA (36,864 B, 45.00) are on it; MLA (7,680 B, 43.84) is dominated by kv64
+    assert front == {"egmla16": "", "egmla64": "True", "mla": "False", "mha": "True"}
+
+
+def test_collect_finds_nested_runs_once(runs):
+    found = collect([runs, runs / "sweep", runs / "sweep" / "mha"])
+    assert sorted(r.row["run"] for r in found) == ["egmla16", "egmla64", "mha", "mla", "tiny-mha"]
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("egmla-table: error:") for line in err)
+    assert not (tmp_path / "o").exists()

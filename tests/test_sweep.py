@@ -1,0 +1,376 @@
+"""The local sweep runner (egmla-sweep) with a fast fake trainer, and every committed sweeps/*.yaml (dry run)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from egmla import compose, model_config
+from egmla.sweep import Runner, load_spec, main, overrides_of, run_sweep, trial_limit
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+
+# A stand-in for `python -m egmla.train`: records each call, writes a checkpoint, then either crashes (exit 1)
+# or writes results.json with val/loss = (x - 2)^2 + len(opt) + lr.
+FAKE_TRAINER = r"""
+import json, os, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+kv = dict(a.split("=", 1) for a in args)
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps(args) + "\n")
+run_dir = Path(kv["run_dir"])
+(run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+(run_dir / "checkpoints" / "last.ckpt").write_text("step 3")
+crash = os.environ.get("FAKE_CRASH_ON")
+if crash and crash in args and "resume" not in kv:
+    print("fake-train: error: simulated crash mid-run")
+    sys.exit(1)
+loss = (float(kv.get("x", 0)) - 2) ** 2 + len(kv.get("opt", "")) + float(kv.get("lr", 0))
+results = {"run_name": "fake", "val": {"loss": loss, "bpb": loss / 2}, "resumed": "resume" in kv, "args": args}
+(run_dir / "results.json").write_text(json.dumps(results))
+"""
+
+FAKE_EVAL = r"""
+import json, os, sys
+from pathlib import Path
+
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps(["eval", *sys.argv[1:]]) + "\n")
+path = Path(sys.argv[1]) / "results.json"
+results = json.loads(path.read_text())
+results["eval"] = {"piqa": {"acc": 0.6}}
+results["avg_acc"] = 1.0 / (1.0 + results["val"]["loss"])
+path.write_text(json.dumps(results))
+"""
+
+GRID = {
+    "name": "fake_grid",
+    "method": "grid",
+    "metric": {"name": "val/loss", "goal": "minimize"},
+    "command": ["${env}", "${interpreter}", "-m", "egmla.train", "${args_no_hyphens}"],
+    "parameters": {"x": {"values": [1, 2, 3]}, "opt": {"values": ["a", "bb"]}, "seed": {"value": 7}},
+}
+
+
+def fake_loss(params: dict) -> float:
+    return (float(params.get("x", 0)) - 2) ** 2 + len(str(params.get("opt", ""))) + float(params.get("lr", 0))
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """Paths of the fake trainer and evaluator; FAKE_CALLS collects one JSON line per invocation."""
+    trainer, evaluator = tmp_path / "fake_train.py", tmp_path / "fake_eval.py"
+    trainer.write_text(FAKE_TRAINER)
+    evaluator.write_text(FAKE_EVAL)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.delenv("FAKE_CRASH_ON", raising=False)
+
+    class Fake:
+        train_cmd = shlex.join([sys.executable, str(trainer)])
+        eval_cmd = shlex.join([sys.executable, str(evaluator), "{run_dir}"])
+
+        @staticmethod
+        def calls() -> list[list[str]]:
+            return [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+
+    return Fake
+
+
+def write_spec(tmp_path: Path, spec: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def state(out: Path) -> dict:
+    return json.loads((out / "sweep_state.json").read_text())
+
+
+def test_grid_runs_every_trial_once_in_its_own_run_dir(tmp_path, fake, capsys):
+    out = tmp_path / "out"
+    rc = main([str(write_spec(tmp_path, GRID)), "--out", str(out), "--train-cmd", fake.train_cmd])
+    assert rc == 0
+    trials = state(out)["trials"]
+    assert len(trials) == 6 == len(fake.calls())
+    assert {(t["params"]["x"], t["params"]["opt"]) for t in trials} == {(x, o) for x in (1, 2, 3) for o in ("a", "bb")}
+    for t in trials:
+        assert t["status"] == "finished"
+        assert t["metric"] == pytest.approx(fake_loss(t["params"]))
+        assert Path(t["run_dir"]) == out / t["id"]
+        assert (out / t["id"] / "results.json").is_file()
+    assert len({t["run_dir"] for t in trials}) == 6
+    # each call: the parameters as KEY=VALUE in the spec's order, then run_dir
+    first = fake.calls()[0]
+    assert first == [*overrides_of(trials[0]["params"]), f"run_dir={out / trials[0]['id']}"]
+    assert first[2] == "seed=7"
+    text = capsys.readouterr().out
+    assert "[1/6] trial-001" in text and "[6/6] trial-006" in text
+    assert "best: " in text and "opt=a" in text.split("best: ")[1]  # x=2, opt=a has the lowest loss: 1.0
+    assert "6/6 trials finished" in text
+
+
+def test_crashed_trial_is_rerun_with_resume_and_finished_ones_are_not(tmp_path, fake, monkeypatch, capsys):
+    out, spec = tmp_path / "out", str(write_spec(tmp_path, GRID))
+    monkeypatch.setenv("FAKE_CRASH_ON", "x=3")
+    assert main([spec, "--out", str(out), "--train-cmd", fake.train_cmd]) == 1
+    statuses = {t["id"]: t["status"] for t in state(out)["trials"]}
+    failed = [i for i, s in statuses.items() if s == "failed"]
+    assert len(failed) == 2 and sum(s == "finished" for s in statuses.values()) == 4
+    assert "simulated crash" in capsys.readouterr().out  # the child's last line is shown
+    assert len(fake.calls()) == 6
+
+    monkeypatch.delenv("FAKE_CRASH_ON")
+    assert main([spec, "--out", str(out), "--train-cmd", fake.train_cmd]) == 0
+    reruns = fake.calls()[6:]
+    assert len(reruns) == 2  # only the failed trials ran again...
+    assert all(call[-1] == "resume=last" for call in reruns)  # ...continuing from their checkpoints
+    assert {c[-2] for c in reruns} == {f"run_dir={out / i}" for i in failed}
+    assert all(t["status"] == "finished" for t in state(out)["trials"])
+    assert "(done earlier)" in capsys.readouterr().out
+
+    assert main([spec, "--out", str(out), "--train-cmd", fake.train_cmd]) == 0  # nothing left to do
+    assert len(fake.calls()) == 8
+
+
+class Killed(BaseException):
+    """Stands for the runner process dying (SIGKILL, power loss): nothing after it runs."""
+
+
+def test_killed_sweep_resumes_where_it_stopped(tmp_path, fake, monkeypatch):
+    """The runner dies while a trial trains (after the trial has left a checkpoint): the rerun skips the
+    finished trials, resumes the interrupted one from its checkpoint (resume=last) and runs the rest."""
+    out, spec = tmp_path / "out", str(write_spec(tmp_path, GRID))
+    argv = [spec, "--out", str(out), "--train-cmd", fake.train_cmd]
+    real_run = subprocess.run
+
+    def dies_during_x2(command, **kwargs):
+        if "x=2" in command:
+            monkeypatch.setenv("FAKE_CRASH_ON", "x=2")  # the child stops mid-run, leaving its checkpoint
+            real_run(command, **kwargs)
+            raise Killed
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr("egmla.sweep.subprocess.run", dies_during_x2)
+    with pytest.raises(Killed):
+        main(argv)
+    before = state(out)["trials"]
+    assert before[-1]["status"] == "running" and all(t["status"] == "finished" for t in before[:-1])
+    assert len(fake.calls()) == len(before) < 6
+
+    monkeypatch.setattr("egmla.sweep.subprocess.run", real_run)
+    monkeypatch.delenv("FAKE_CRASH_ON")
+    assert main(argv) == 0
+    after = state(out)["trials"]
+    assert len(after) == 6 and all(t["status"] == "finished" for t in after)
+    new_calls = fake.calls()[len(before) :]
+    assert len(new_calls) == 6 - len(before) + 1  # the interrupted trial and the ones never started
+    assert new_calls[0][-2:] == [f"run_dir={out / before[-1]['id']}", "resume=last"]
+    assert [t["params"] for t in after[: len(before)]] == [t["params"] for t in before]
+
+
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_random_and_bayes_run_the_requested_number_of_trials(tmp_path, fake, method):
+    spec = {
+        "method": method,
+        "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": {"x": {"min": 0.0, "max": 4.0}, "opt": {"values": ["a", "bb"]}},
+    }
+    out = tmp_path / "out"
+    rc = main(
+        [
+            str(write_spec(tmp_path, spec)),
+            "--out",
+            str(out),
+            "--max-trials",
+            "4",
+            "--seed",
+            "1",
+            "--train-cmd",
+            fake.train_cmd,
+        ]
+    )
+    assert rc == 0
+    trials = state(out)["trials"]
+    assert len(trials) == 4 == len(fake.calls())
+    for t in trials:
+        assert 0.0 <= t["params"]["x"] <= 4.0 and t["params"]["opt"] in ("a", "bb")
+        assert t["metric"] == pytest.approx(fake_loss(t["params"]))
+    # a larger cap continues the same sweep: 2 more trials, the first 4 untouched
+    assert (
+        main([str(tmp_path / "spec.yaml"), "--out", str(out), "--max-trials", "6", "--train-cmd", fake.train_cmd]) == 0
+    )
+    assert len(state(out)["trials"]) == 6 == len(fake.calls())
+
+
+def test_run_cap_bounds_a_random_sweep_and_no_cap_is_refused(tmp_path, fake, capsys):
+    spec = {"method": "random", "run_cap": 3, "parameters": {"x": {"min": 0.0, "max": 1.0}}}
+    out = tmp_path / "out"
+    assert main([str(write_spec(tmp_path, spec)), "--out", str(out), "--train-cmd", fake.train_cmd]) == 0
+    assert len(state(out)["trials"]) == 3
+    del spec["run_cap"]
+    assert main([str(write_spec(tmp_path, spec, "nocap.yaml")), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-trials" in err[0]
+
+
+def test_eval_runs_after_training_and_its_metric_is_read(tmp_path, fake, capsys):
+    spec = dict(GRID, metric={"name": "avg_acc", "goal": "maximize"})
+    spec["parameters"] = {"x": {"values": [1, 2]}}
+    path, out = str(write_spec(tmp_path, spec)), tmp_path / "out"
+    # trained first without evaluation: the metric (avg_acc) is missing, not 0
+    assert main([path, "--out", str(out), "--train-cmd", fake.train_cmd]) == 0
+    assert [t["metric"] for t in state(out)["trials"]] == [None, None]
+    assert "avg_acc=—" in capsys.readouterr().out
+    # then with --eval: finished trials are evaluated, not retrained
+    assert main([path, "--out", str(out), "--train-cmd", fake.train_cmd, "--eval", fake.eval_cmd]) == 0
+    calls = fake.calls()
+    assert [c[0] == "eval" for c in calls] == [False, False, True, True]
+    assert calls[2][1] == str(out / "trial-001")
+    trials = state(out)["trials"]
+    assert [t["metric"] for t in trials] == pytest.approx([0.5, 1.0])  # 1 / (1 + loss), loss = (x - 2)^2
+    assert "best: trial-002 avg_acc=1.0000" in capsys.readouterr().out
+    assert main([path, "--out", str(out), "--train-cmd", fake.train_cmd, "--eval", fake.eval_cmd]) == 0
+    assert len(fake.calls()) == 4  # evaluated once
+
+
+def test_extra_overrides_follow_the_trial_parameters(tmp_path, fake):
+    out = tmp_path / "out"
+    spec = dict(GRID, parameters={"x": {"values": [1]}})
+    assert (
+        main(
+            [
+                str(write_spec(tmp_path, spec)),
+                "--out",
+                str(out),
+                "--train-cmd",
+                fake.train_cmd,
+                "--",
+                "train.max_steps=5",
+                "x=2",
+            ]
+        )
+        == 0
+    )
+    call = fake.calls()[0]
+    assert call == ["x=1", "train.max_steps=5", "x=2", f"run_dir={out / 'trial-001'}"]
+    assert state(out)["trials"][0]["metric"] == pytest.approx(0.0)  # the later x=2 wins, as in Hydra
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        ("method: grid\nparameters: {x: {values: [1, 2]\n", "not valid YAML"),
+        ("- a\n- b\n", "YAML mapping"),
+        ("method: hyperband\nparameters: {x: {values: [1]}}\n", "method='hyperband' is invalid"),
+        ("method: grid\n", "'parameters' must be a non-empty mapping"),
+        ("method: grid\nparameters: {attention: {parameters: {kv_lora_rank: {values: [1]}}}}\n", "dotted names"),
+        ("method: bayes\nparameters: {x: {min: 0.0, max: 1.0}}\n", "needs a metric"),
+        ("method: grid\nmetric: {name: loss, goal: up}\nparameters: {x: {values: [1]}}\n", "metric.goal"),
+    ],
+)
+def test_bad_specs_fail_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    if content is not None:
+        path.write_text(content)
+    assert main([str(path), "--out", str(tmp_path / "out"), "--max-trials", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("egmla-sweep: error:") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_state_of_another_spec_is_refused(tmp_path, fake, capsys):
+    out = tmp_path / "out"
+    assert main([str(write_spec(tmp_path, GRID)), "--out", str(out), "--train-cmd", fake.train_cmd]) == 0
+    other = dict(GRID, parameters={"x": {"values": [5]}})
+    assert main([str(write_spec(tmp_path, other, "other.yaml")), "--out", str(out)]) == 2
+    assert "other parameters" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- the committed sweeps
+
+# spec -> (number of trials, the first trial's overrides)
+EXPECTED = {
+    "table1_120m": (7, ["experiment=table1_120m/mla_base"]),
+    "latent_sweep": (
+        5,
+        [
+            "experiment=table1_120m",
+            "attention=egmla",
+            "experiment_name=latent_sweep",
+            "run_name=latent_sweep-${attention.name}",
+            "attention.kv_lora_rank=16",
+        ],
+    ),
+    "gate_dim": (
+        6,
+        [
+            "experiment=table1_120m",
+            "attention=egmla",
+            "attention.kv_lora_rank=64",
+            "experiment_name=gate_dim",
+            "run_name=gate_dim-${attention.name}",
+            "attention.gate_dim=32",
+        ],
+    ),
+    "scaling": (4, ["experiment=scaling", "model=650m", "attention=mla"]),
+    "demo_tiny": (5, ["experiment=demo_tiny", "attention=mha"]),
+}
+
+
+def test_every_committed_sweep_is_listed_here():
+    assert {p.stem for p in SWEEPS} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_committed_sweep_dry_run(path, tmp_path, capsys):
+    spec = load_spec(path)
+    count, first = EXPECTED[path.stem]
+    assert spec.config["name"] == path.stem and spec.metric == "val/loss" and spec.goal == "minimize"
+    command = spec.config["command"]  # what `wandb agent` runs
+    assert command[:4] == ["${env}", "${interpreter}", "-m", "egmla.train"] and command[-1] == "${args_no_hyphens}"
+    out = tmp_path / "out"
+    runner = Runner(spec, out, ["python", "-m", "egmla.train"], dry_run=True)
+    trials = run_sweep(runner, trial_limit(spec, None))
+    assert not out.exists()  # a dry run writes nothing
+    assert len(trials) == count
+    assert overrides_of(trials[0].params) == first
+    text = capsys.readouterr().out
+    assert f"[1/{count}] trial-001" in text and f"run_dir={out / 'trial-001'}" in text
+    # every trial composes with conf/ and is a distinct configuration with a distinct run name
+    configs = [compose(overrides_of(t.params)) for t in trials]
+    names = [c.run_name for c in configs]
+    assert len(set(names)) == count, names
+    for cfg in configs:
+        model_config(cfg)  # validates the model and attention
+        assert cfg.experiment_name == path.stem
+
+
+def test_table1_rows_are_the_papers():
+    spec = load_spec(ROOT / "sweeps" / "table1_120m.yaml")
+    trials = run_sweep(Runner(spec, Path("unused"), ["x"], dry_run=True), 7)
+    from egmla import accounting
+
+    kv = {
+        t.params["experiment"].split("/")[1]: accounting.kv_elements_per_token(compose(overrides_of(t.params)))
+        for t in trials
+    }
+    assert kv == {
+        "mla_base": 3840,
+        "egmla_kv256": 3840,
+        "egmla_kv64": 1536,
+        "egmla_kv16": 960,
+        "mha": 18432,
+        "gqa": 6144,
+        "mqa": 1536,
+    }
