@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(PIP_TORCH_INDEX) "$(TORCH)" -e ".[dev]"
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps sweeps==0.3.0
+	$(BIN)/python -m egmla.eval.lm_eval_plugin install  # lets plain `lm_eval --model egmla` find our model
 	touch $@
 
 test: setup lint  ## lint, then run the whole test suite offline on the CPU
@@ -53,7 +54,7 @@ bench: setup  ## training throughput per attention variant (GPU: the paper's 120
 
 # --- Reproductions: each writes its table under experiments/<name>/ (see the README there) ---------------
 EVAL ?= offline
-TINY_EVAL_LIMIT ?= 200
+TINY_EVAL_LIMIT ?= 100
 
 reproduce-table-kv: setup  ## the paper's KV-cache column, recomputed (seconds)
 	$(BIN)/egmla-kv --paper --out experiments/kv

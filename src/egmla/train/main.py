@@ -99,7 +99,17 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = StreamDataModule(data_cfg, seed=cfg.seed)
     datamodule.check(mcfg.vocab_size)
-    return {"model_cfg": mcfg, "run_dir": run_dir, "resume": resume, "datamodule": datamodule}
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True) if "eval" in cfg else {"tasks": []}
+    callbacks = []
+    if eval_cfg.get("tasks"):
+        from ..eval.callback import PeriodicEval
+        from ..eval.run import EvalSettings
+
+        EvalSettings.from_dict(eval_cfg).require_tasks()  # bad settings fail now, not after training
+        if eval_cfg.get("every_steps"):
+            callbacks.append(PeriodicEval(eval_cfg))
+    return {"model_cfg": mcfg, "run_dir": run_dir, "resume": resume, "datamodule": datamodule,
+            "eval_cfg": eval_cfg, "callbacks": callbacks}  # fmt: skip
 
 
 def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = None) -> dict[str, Any] | None:
@@ -154,7 +164,7 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every,
         logger=_logger(cfg, run_dir),
-        callbacks=[checkpoints, throughput, StepProgressBar(), *(callbacks or [])],
+        callbacks=[checkpoints, throughput, StepProgressBar(), *prepared.get("callbacks", []), *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
         enable_model_summary=False,
@@ -192,6 +202,14 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         },
         "val": module.last_val,
     }
+    periodic = next((c for c in prepared.get("callbacks", []) if hasattr(c, "history")), None)
+    if periodic is not None:
+        results["eval_history"] = periodic.history
+    if prepared.get("eval_cfg", {}).get("tasks"):  # the final checkpoint's accuracies, as egmla-eval gives them
+        from ..eval.run import evaluate_model
+
+        results |= evaluate_model(module.model, datamodule.tokenizer, prepared["eval_cfg"])
+        results["eval_config"] = prepared["eval_cfg"]
     write_json(run_dir / "results.json", results)
     return results
 

@@ -1,0 +1,400 @@
+"""`egmla-eval checkpoint=RUN_DIR [eval=offline|paper] [eval.limit=20] ...`: score a trained run with lm-eval.
+
+    evaluate_model(model, tokenizer, eval_cfg)  -> {"eval": {task: {metric: value}}, "avg_acc": float | None}
+    evaluate_run(run_dir, eval_cfg)             the same, merged into RUN_DIR/results.json
+
+`eval_cfg` is a conf/eval/ group as a dict (offline.yaml documents every key). Every metric lm-eval reports for a
+requested task is kept (acc and acc_norm, their stderr, perplexity...); `metrics` picks each task's headline
+metric, and `avg_acc` is the mean of the headline metrics of the `average` tasks: None (never 0) when any of
+them is missing. Values are lm-eval's fractions (0.4384); the printed table shows accuracies in percent.
+
+The command line takes Hydra overrides of conf/train.yaml (only its `eval` group and `data_dir` matter here)
+plus `checkpoint=RUN_DIR`; errors are one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..model import ConfigError
+
+PROG = "egmla-eval"
+USAGE = f"usage: {PROG} checkpoint=RUN_DIR [eval=offline|paper] [eval.limit=N] [eval.KEY=VALUE ...]"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class EvalError(ConfigError):
+    """An evaluation that cannot run (missing task data, unknown task): one line naming the fix. A ConfigError,
+    so egmla-train's start-up checks report it like any other bad setting."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """A conf/eval/ group, checked. See conf/eval/offline.yaml for the meaning of each key.
+
+    `metrics` may name tasks that `tasks` leaves out (a narrowed suite keeps the group's mapping)."""
+
+    name: str = "none"
+    tasks: tuple[str, ...] = ()
+    average: tuple[str, ...] = ()
+    metrics: dict[str, str] | None = None
+    limit: int | float | None = None
+    num_fewshot: int = 0
+    batch_size: int = 32
+    include_path: str | None = None
+    include_defaults: bool = True
+    bootstrap_iters: int = 1000
+    every_steps: int | None = None
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> EvalSettings:
+        cfg = _plain(cfg)
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(cfg) - known):
+            raise ConfigError(f"eval.{unknown[0]} is not an eval setting: expected one of {', '.join(sorted(known))}")
+        values = dict(cfg)
+        for key in ("tasks", "average"):
+            values[key] = tuple(_str_list(values.get(key) or [], key))
+        values["metrics"] = dict(values.get("metrics") or {})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if missing := [t for t in self.average if t not in self.tasks]:
+            raise ConfigError(
+                f"eval.average names {missing[0]!r}, which is not in eval.tasks: add it to eval.tasks or set "
+                "eval.average=[...] to the tasks averaged into avg_acc"
+            )
+        _check_limit(self.limit)
+        _check_int("num_fewshot", self.num_fewshot, minimum=0)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("bootstrap_iters", self.bootstrap_iters, minimum=0)
+        if self.every_steps is not None:
+            _check_int("every_steps", self.every_steps, minimum=1)
+        if str(self.device).split(":")[0] not in DEVICES:
+            raise ConfigError(f"eval.device={self.device!r} is invalid: expected auto, cpu, cuda, cuda:N or mps")
+        if self.tasks and not self.include_defaults and not self.include_path:
+            raise ConfigError("eval.include_defaults=false needs eval.include_path (a folder of task YAMLs)")
+
+    def metric(self, task: str) -> str:
+        return self.metrics.get(task, "acc")
+
+    def require_tasks(self) -> None:
+        if not self.tasks:
+            raise ConfigError(
+                f"eval={self.name} selects no tasks: choose eval=offline (after `make eval-data`) or eval=paper "
+                "(lm-eval's stock tasks, needs the Hugging Face hub)"
+            )
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:
+        pass
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"eval config must be a mapping of settings, got {type(cfg).__name__}")
+    return dict(cfg)
+
+
+def _str_list(value: Any, key: str) -> list[str]:
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"eval.{key}={value!r} is invalid: expected a list of task names")
+    return list(value)
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"eval.{key}={value!r} is invalid: expected an integer >= {minimum}")
+
+
+def _check_limit(limit: Any) -> None:
+    ok = limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0)
+    ok = ok or (isinstance(limit, float) and 0 < limit <= 1)
+    if not ok:
+        raise ConfigError(
+            f"eval.limit={limit!r} is invalid: expected null (all examples), a positive number of examples per task, "
+            "or a fraction in (0, 1]"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _build_hint(settings: EvalSettings, force: bool = False) -> str:
+    """How to (re)build the offline data whose task YAMLs `include_path` holds (it is OUT/tasks)."""
+    out = Path(settings.include_path).parent if settings.include_path else Path("data/eval")
+    flag = " --force" if force else ""
+    return f"run `make eval-data` (python -m egmla.eval.eval_data --out {out}{flag})"
+
+
+def check_include_path(settings: EvalSettings) -> None:
+    path = settings.include_path
+    if path and not Path(path).is_dir():
+        raise EvalError(f"eval.include_path={path} is not a folder of task YAMLs: {_build_hint(settings)}")
+
+
+def task_manager(settings: EvalSettings):
+    """lm-eval's TaskManager over `include_path` (+ its built-in tasks when include_defaults)."""
+    from lm_eval.tasks import TaskManager
+
+    check_include_path(settings)
+    return TaskManager(include_path=settings.include_path or None, include_defaults=settings.include_defaults)
+
+
+def _unknown_task(task: str, manager, settings: EvalSettings) -> EvalError:
+    if not settings.include_defaults:
+        where = f"the task YAMLs in {settings.include_path}"
+        return EvalError(f"task {task!r} is not among {where}: fix eval.tasks, or {_build_hint(settings)}")
+    close = difflib.get_close_matches(task, manager.all_tasks, n=3)
+    hint = f" (close: {', '.join(close)})" if close else ""
+    return EvalError(f"task {task!r} is not an lm-eval task{hint}: fix eval.tasks")
+
+
+def _load_hint(settings: EvalSettings) -> str:
+    if not settings.include_defaults:
+        return f"rebuild the offline data: {_build_hint(settings, force=True)}"
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    where = "HF_HUB_OFFLINE is set" if offline else "no Hugging Face hub here?"
+    return f"stock tasks download from the Hugging Face hub ({where}); without it use eval=offline"
+
+
+def check_tasks(manager, settings: EvalSettings) -> None:
+    """Every requested name is a task or group `manager` knows (cheap: reads no data)."""
+    for task in settings.tasks:
+        if task not in manager.all_tasks:
+            raise _unknown_task(task, manager, settings)
+
+
+def load_tasks(manager, settings: EvalSettings) -> list:
+    """Each requested task or group, built (its data loaded) now, so a missing dataset fails in one line."""
+    check_tasks(manager, settings)
+    loaded = []
+    for task in settings.tasks:
+        try:
+            built = manager.load([task])
+        except Exception as exc:  # datasets, hub and YAML errors alike mean the task's data is not there
+            raise EvalError(f"cannot load task {task!r} ({_one_line(exc)}): {_load_hint(settings)}") from None
+        loaded.append(built["groups"].get(task) or built["tasks"][task])
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _finite(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def task_metrics(raw: dict[str, Any]) -> dict[str, float | None]:
+    """lm-eval's {"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...} -> {"acc": 0.5, "acc_stderr": 0.1}."""
+    out = {}
+    for key, value in raw.items():
+        metric, _, filter_name = key.partition(",")
+        if filter_name == "none" and isinstance(value, int | float) and not isinstance(value, bool):
+            out[metric] = _finite(value)
+    return out
+
+
+def average_accuracy(scores: dict[str, dict[str, float | None]], settings: EvalSettings) -> float | None:
+    """Mean headline metric over `average`; None when any of those tasks (or its metric) is missing."""
+    values = [scores.get(task, {}).get(settings.metric(task)) for task in settings.average]
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def summarize(results: dict[str, Any], settings: EvalSettings) -> dict[str, Any]:
+    scores = {task: task_metrics(results[task]) for task in settings.tasks if task in results}
+    return {"eval": scores, "avg_acc": average_accuracy(scores, settings)}
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval warns once per task (e.g. about num_fewshot); keep its errors only, restore its level after."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(max(logging.ERROR, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def evaluate_model(model, tokenizer, eval_cfg: dict[str, Any], manager=None) -> dict[str, Any]:
+    """Score `model` (an egmla Transformer) on the suite `eval_cfg` describes, zero-shot unless num_fewshot.
+
+    Runs where the model is (eval.device=auto) or on eval.device; leaves the model in eval mode. `manager`: a
+    TaskManager from `task_manager(settings)` to reuse (indexing lm-eval's built-in tasks takes seconds)."""
+    import lm_eval
+
+    from .lm import EgmlaLM
+
+    settings = EvalSettings.from_dict(eval_cfg)
+    settings.require_tasks()
+    with _quiet_lm_eval():
+        manager = manager or task_manager(settings)
+        tasks = load_tasks(manager, settings)
+        device = None if settings.device == "auto" else settings.device
+        lm = EgmlaLM(model, tokenizer, batch_size=settings.batch_size, device=device)
+        with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints progress notes: stdout stays ours
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=settings.num_fewshot,
+                limit=settings.limit,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=settings.bootstrap_iters,
+            )
+    return summarize(out["results"], settings)
+
+
+def _run_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def merge_results(path: Path, update: dict[str, Any]) -> dict[str, Any]:
+    """Set `update`'s keys in the JSON file at `path` (created if missing), keeping its other keys; atomic."""
+    from ..train.rundir import write_json
+
+    current = {}
+    if path.is_file():
+        try:
+            current = json.loads(path.read_text())
+        except ValueError as exc:
+            raise EvalError(f"{path} is not valid JSON ({exc}): fix or remove it, then evaluate again") from None
+        if not isinstance(current, dict):
+            raise EvalError(f"{path} does not hold a JSON object: fix or remove it, then evaluate again")
+    merged = current | update
+    write_json(path, merged)
+    return merged
+
+
+def evaluate_run(run_dir: str | Path, eval_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Load RUN_DIR's last checkpoint, evaluate it, merge eval/avg_acc/eval_config into RUN_DIR/results.json."""
+    from .load import load_run
+
+    run_dir = Path(run_dir)
+    settings = EvalSettings.from_dict(eval_cfg)
+    settings.require_tasks()
+    if run_dir.is_file():
+        raise ConfigError(f"checkpoint={run_dir} is a file: pass its run directory (results.json goes there)")
+    check_include_path(settings)  # before loading the model: the cheap mistakes first
+    model, tokenizer, _ = load_run(run_dir, device=_run_device(settings.device))
+    results = evaluate_model(model, tokenizer, _plain(eval_cfg))
+    merge_results(run_dir / "results.json", {**results, "eval_config": _plain(eval_cfg)})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _format_value(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}" if metric.startswith("acc") else f"{value:.4g}"
+
+
+def format_table(results: dict[str, Any], settings: EvalSettings) -> str:
+    """One row per task: headline metric and value, then the task's other metrics (accuracies in percent)."""
+    width = max([len("task"), *(len(t) for t in settings.tasks)])
+    lines = [f"{'task':<{width}}  {'metric':<16} {'value':>8}  other"]
+    for task in settings.tasks:
+        scores = results["eval"].get(task)
+        if scores is None:
+            lines.append(f"{task:<{width}}  {'(missing)':<16} {'-':>8}")
+            continue
+        metric = settings.metric(task)
+        others = [f"{m} {_format_value(m, v)}" for m, v in scores.items() if m != metric and "stderr" not in m]
+        value = _format_value(metric, scores.get(metric))
+        lines.append(f"{task:<{width}}  {metric:<16} {value:>8}  {', '.join(others)}".rstrip())
+    label = f"avg_acc ({len(settings.average)} tasks)"
+    lines.append(f"{label:<{width}}  {'':<16} {_format_value('acc', results['avg_acc']):>8}")
+    return "\n".join(lines)
+
+
+def split_checkpoint(argv: list[str]) -> tuple[Path, list[str]]:
+    """(RUN_DIR of the one checkpoint=RUN_DIR argument, the Hydra overrides)."""
+    given = [a for a in argv if a.startswith("checkpoint=")]
+    if len(given) != 1 or not given[0].removeprefix("checkpoint="):
+        raise ConfigError(f"pass exactly one checkpoint=RUN_DIR (an egmla-train run directory); {USAGE}")
+    return Path(given[0].removeprefix("checkpoint=")), [a for a in argv if not a.startswith("checkpoint=")]
+
+
+def compose_eval(overrides: list[str]) -> dict[str, Any]:
+    """The resolved `eval` group of the root config under `overrides` (eval=offline works with or without a
+    default `eval` entry in conf/train.yaml's defaults list)."""
+    from omegaconf import OmegaConf
+
+    from ..config import compose
+
+    try:
+        cfg = compose(overrides)
+    except ConfigError as exc:
+        if "No match in the defaults list" not in str(exc):
+            raise
+        cfg = compose([f"+{o}" if o.startswith("eval=") else o for o in overrides])
+    if cfg.get("eval") is None:
+        raise ConfigError("no evaluation suite selected: pass eval=offline (after `make eval-data`) or eval=paper")
+    return OmegaConf.to_container(cfg.eval, resolve=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        print("Score a trained run with lm-eval; the results merge into RUN_DIR/results.json.")
+        print("Suites: eval=offline (local copies: `make eval-data` first), eval=paper (stock tasks: needs the hub).")
+        return 0
+    try:
+        run_dir, overrides = split_checkpoint(argv)
+        eval_cfg = compose_eval(overrides)
+        settings = EvalSettings.from_dict(eval_cfg)
+        settings.require_tasks()
+        start = time.perf_counter()
+        results = evaluate_run(run_dir, eval_cfg)
+    except (ConfigError, EvalError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(results, settings))
+    elapsed = time.perf_counter() - start
+    print(f"eval={settings.name} limit={settings.limit}: {elapsed:.1f} s -> {run_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
