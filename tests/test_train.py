@@ -261,3 +261,16 @@ def test_last_checkpoint_holds_the_final_step(corpus, tmp_path):
     run(overrides(corpus, tmp_path / "run", "train.max_steps=5", "train.ckpt_every=2"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 5
+
+
+def test_mfu_uses_the_peak_seen_during_training():
+    """MFU must not depend on where the module sits after fit (Lightning moves it back to the CPU)."""
+    from egmla.train.perf import Throughput
+
+    meter = Throughput(flops_per_token=1e9, tokens_per_batch=1000, log_every=1)
+    meter.peak_flops_total = 1e15
+    meter.windows = [(1000, 10.0), (4000, 2.0), (6000, 3.0)]  # the first window (compilation) is left out
+    assert meter.steady_tok_per_s == 2000.0
+    assert meter.steady_mfu == 1e9 * 2000.0 / 1e15
+    meter.peak_flops_total = None  # CPU: no agreed peak
+    assert meter.steady_mfu is None

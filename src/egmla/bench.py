@@ -31,7 +31,8 @@ CSV_COLUMNS = ["variant", "size", "seq", "batch", "gpus", "card", "tok_per_s", "
 
 
 def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, warmup: int, compile: bool,
-                  overrides: list[str], device: torch.device, profile: bool = False) -> dict:  # fmt: skip
+                  overrides: list[str], device: torch.device, profile: bool = False,
+                  compile_loss: bool = False) -> dict:  # fmt: skip
     cfg = compose([f"model={size}", f"attention={variant}", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
@@ -41,11 +42,17 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
     vocab = model.cfg.vocab_size
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    if compile_loss:  # lets inductor fuse the fp32 cast into the softmax instead of materialising fp32 logits
+        loss_fn = torch.compile(loss_fn)
+
     def step() -> None:
         ids = torch.randint(0, vocab, (batch, seq + 1), device=device)
         with autocast:
             logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss = loss_fn(logits, ids[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -120,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
     train.add_argument("--csv", type=Path, default=None, help="append rows to this CSV file")
     train.add_argument("--profile", action="store_true", help="print the top operators of each variant")
+    train.add_argument("--compile-loss", action="store_true", help="also torch.compile the cross-entropy")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             rows.append(bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup,
                                       not args.no_compile and device.type == "cuda", overrides, device,
-                                      args.profile))  # fmt: skip
+                                      args.profile, args.compile_loss))  # fmt: skip
             print(format_table(rows).splitlines()[-1], flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

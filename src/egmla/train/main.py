@@ -196,7 +196,7 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
             "steps": trainer.global_step,
             "tokens": trainer.global_step * tokens_per_step,
             "tok_per_s": throughput.steady_tok_per_s,  # after the first log window (compilation, warm-up)
-            "mfu": throughput.steady_mfu(module),
+            "mfu": throughput.steady_mfu,
             "devices": trainer.world_size,
             "resumed_from": str(prepared["resume"]) if prepared["resume"] else None,
         },

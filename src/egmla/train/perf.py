@@ -34,6 +34,7 @@ class Throughput(L.Callback):
         self.tokens_per_batch = tokens_per_batch  # one micro-batch on one rank
         self.log_every = max(1, log_every)
         self.windows: list[tuple[int, float]] = []  # (tokens, seconds) per closed window, this process
+        self.peak_flops_total: float | None = None  # all devices' bf16 peak, FLOP/s (None: no known peak)
         self.last_tok_per_s: float | None = None
         self.last_mfu: float | None = None
         self._window_tokens = 0
@@ -43,6 +44,10 @@ class Throughput(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         return time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Recorded now: after fit, Lightning moves the module back to the CPU.
+        self.peak_flops_total = (peak_flops(pl_module.device) or 0.0) * trainer.world_size or None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._window_start is None:
@@ -69,9 +74,8 @@ class Throughput(L.Callback):
         if log and elapsed > 0:
             self.last_tok_per_s = self._window_tokens / elapsed
             pl_module.log("perf/tok_per_s", self.last_tok_per_s, prog_bar=True, on_step=True, rank_zero_only=True)
-            peak = peak_flops(pl_module.device)
-            if peak:
-                self.last_mfu = self.flops_per_token * self.last_tok_per_s / (peak * pl_module.trainer.world_size)
+            if self.peak_flops_total:
+                self.last_mfu = self.flops_per_token * self.last_tok_per_s / self.peak_flops_total
                 pl_module.log("perf/mfu", self.last_mfu, on_step=True, rank_zero_only=True)
         self._window_tokens = 0
         self._window_start = time.perf_counter()
@@ -83,8 +87,7 @@ class Throughput(L.Callback):
         seconds = sum(s for _, s in windows)
         return sum(t for t, _ in windows) / seconds if seconds else None
 
-    def steady_mfu(self, pl_module) -> float | None:
-        peak, tok_per_s = peak_flops(pl_module.device), self.steady_tok_per_s
-        if not peak or not tok_per_s:
-            return None
-        return self.flops_per_token * tok_per_s / (peak * pl_module.trainer.world_size)
+    @property
+    def steady_mfu(self) -> float | None:
+        tok_per_s = self.steady_tok_per_s
+        return self.flops_per_token * tok_per_s / self.peak_flops_total if self.peak_flops_total and tok_per_s else None
