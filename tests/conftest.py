@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,16 @@ from egmla.model import AttentionConfig, ModelConfig, Transformer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# Common English words for small synthetic corpora (the tests that train write a few jsonl documents of them).
+WORDS = "the of and to in that it is was he for on are as with his they at be this from have or by one".split()  # noqa: SIM905
+
+
+def write_jsonl(path: Path, texts: Iterable[str]) -> None:
+    """One {"text": ...} document per line, as data=local reads them."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
+
 
 # name -> attention knobs; covers every variant and every open EG-MLA choice at least once.
 VARIANTS = {

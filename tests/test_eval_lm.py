@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
+from conftest import WORDS, write_jsonl
 from egmla import ConfigError, compose
 from egmla.data.tokenizer import GPT2_EOS, build_tokenizer
 from egmla.eval import lm_eval_plugin
@@ -29,7 +30,6 @@ from egmla.model import AttentionConfig, ModelConfig, Transformer
 from egmla.train.main import prepare, train
 
 MAX_LEN = 64  # the trained run's model.max_seq_len: small, so truncation and rolling windows are exercised
-WORDS = "the of and to in that it is was he for on are as with his they at be this from have or by one".split()  # noqa: SIM905
 PTH = Path(lm_eval_plugin.__file__).with_name(lm_eval_plugin.PTH_NAME)
 
 
@@ -52,9 +52,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval_run")
     rng = random.Random(0)
     for name, n in (("train", 60), ("val", 10)):
-        with open(root / f"{name}.jsonl", "w") as f:
-            for _ in range(n):
-                f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(40))}) + "\n")
+        write_jsonl(root / f"{name}.jsonl", (" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(n)))
     cfg = compose(
         [
             "model=tiny",

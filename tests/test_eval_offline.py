@@ -19,6 +19,7 @@ import pytest
 import torch
 from datasets import ClassLabel, Features, Sequence, Value
 
+from conftest import WORDS, write_jsonl
 from egmla import compose
 from egmla.eval import eval_data
 from egmla.eval.callback import PeriodicEval
@@ -26,7 +27,6 @@ from egmla.eval.offline_tasks import lm_eval_tasks_dir, mmlu_subjects, render_ta
 from egmla.eval.run import EvalSettings, compose_eval, main, merge_results, summarize
 from egmla.train.main import prepare, train
 
-WORDS = "the of and to in that it is was he for on are as with his they at be this from have or by one".split()  # noqa: SIM905
 ROWS = 3  # per split: the suite runs with eval.limit=4, so every row is scored
 OFFLINE_TASKS = ["piqa_offline", "arc_easy_offline", "arc_challenge_offline", "hellaswag_offline",
                  "winogrande_offline", "social_iqa_offline", "mmlu_offline", "lambada_openai_offline"]  # fmt: skip
@@ -130,9 +130,7 @@ def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
     for name, n in (("train", 60), ("val", 10)):
-        with open(root / f"{name}.jsonl", "w") as f:
-            for i in range(n):
-                f.write(json.dumps({"text": f"{name} {i}: {sentence(rng, rng.randint(20, 80))}."}) + "\n")
+        write_jsonl(root / f"{name}.jsonl", (f"{name} {i}: {sentence(rng, rng.randint(20, 80))}." for i in range(n)))
     return root
 
 

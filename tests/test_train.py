@@ -14,10 +14,9 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import WORDS, write_jsonl
 from egmla import ConfigError, compose
 from egmla.train.main import main, prepare, train
-
-WORDS = "the of and to in that it is was he for on are as with his they at be this from have or by one".split()  # noqa: SIM905
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +25,8 @@ def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
     for name, n in (("train", 300), ("val", 40)):
-        with open(root / f"{name}.jsonl", "w") as f:
-            for i in range(n):
-                text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120)))
-                f.write(json.dumps({"text": f"{name} document {i}: {text}."}) + "\n")
+        texts = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(n))
+        write_jsonl(root / f"{name}.jsonl", (f"{name} document {i}: {text}." for i, text in enumerate(texts)))
     return root
 
 
