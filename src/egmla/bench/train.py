@@ -11,7 +11,6 @@ first variant (MHA by default), measured in this same run.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import time
@@ -21,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import accounting
-from .config import build_model, compose
-from .model import ConfigError
-from .train.perf import peak_flops
-from .train.rundir import git_commit
+from .. import accounting
+from ..config import build_model, compose
+from ..model import ConfigError
+from ..train.perf import peak_flops
+from ..train.rundir import git_commit
 
 CSV_COLUMNS = ["variant", "size", "seq", "batch", "gpus", "card", "tok_per_s", "mfu", "peak_mem_gib", "date", "commit"]
 
@@ -113,10 +112,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="egmla-bench", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="training-step throughput per attention variant")
+def add_parser(sub) -> None:
+    train = sub.add_parser("train", help="training-step throughput per attention variant",
+                           description=__doc__.split("\n\n")[0])  # fmt: skip
     train.add_argument("--size", default="120m", help="model size (conf/model/*.yaml)")
     train.add_argument("--variants", nargs="+", default=["mha", "gqa", "mqa", "mla", "egmla"])
     train.add_argument("--seq", type=int, default=2048)
@@ -128,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--csv", type=Path, default=None, help="append rows to this CSV file")
     train.add_argument("--profile", action="store_true", help="print the top operators of each variant")
     train.add_argument("--compile-loss", action="store_true", help="also torch.compile the cross-entropy")
-    args = parser.parse_args(argv)
+    train.set_defaults(run=run)
 
+
+def run(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -156,7 +156,3 @@ def main(argv: list[str] | None = None) -> int:
                 writer.writeheader()
             writer.writerows(rows)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
