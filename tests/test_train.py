@@ -193,7 +193,8 @@ def test_invalid_training_settings_are_config_errors(corpus, tmp_path):
         (["train.max_steps=0"], "train.max_steps=0 is invalid"),
         (["data.seq_len=512"], "data.seq_len=512 exceeds model.max_seq_len=256"),
         (["model.vocab_size=100"], "model.vocab_size=100 is smaller than tokenizer 'bytes'"),
-        (["trainer=fsdp"], "trainer=fsdp is not implemented yet"),
+        (["train.activation_checkpointing=some"], "train.activation_checkpointing='some' is invalid"),
+        (["trainer.strategy=deepspeed"], "trainer.strategy='deepspeed' is invalid"),
     ]:
         with pytest.raises(ConfigError, match=text.replace("(", r"\(").replace("[", r"\[")):
             prepare(compose(overrides(corpus, tmp_path / "x", *extra)))

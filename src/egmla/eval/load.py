@@ -53,7 +53,9 @@ def load_run(
 
 def _resolve_paths(path: Path, checkpoint: str | Path | None) -> tuple[Path, Path]:
     """(run directory, checkpoint file) from a run directory or a checkpoint path."""
-    if path.is_file():
+    from ..train.fsdp import is_sharded_checkpoint
+
+    if path.is_file() or is_sharded_checkpoint(path):
         if checkpoint is not None:
             raise ConfigError(f"{path} is a checkpoint file already: pass its run directory to choose a checkpoint")
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
@@ -67,7 +69,7 @@ def _resolve_paths(path: Path, checkpoint: str | Path | None) -> tuple[Path, Pat
         ckpt = Path(checkpoint)
         if not ckpt.is_absolute() and not ckpt.exists():
             ckpt = ckpt_dir / ckpt
-    if not ckpt.is_file():
+    if not (ckpt.is_file() or ckpt.is_dir()):
         found = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
         there = f"checkpoints there: {', '.join(found)}" if found else "the run has no checkpoints: train it first"
         raise ConfigError(f"no checkpoint at {ckpt} ({there})")
@@ -91,9 +93,14 @@ def read_config(run_dir: Path) -> DictConfig:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
+    from ..train.fsdp import is_sharded_checkpoint, load_sharded_weights, sharded_checkpoint_metadata
+
     try:
-        # Our own training checkpoints: Lightning stores loop and data-position state as plain objects.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if is_sharded_checkpoint(path):  # trainer=fsdp: a folder of shards, gathered here into one state_dict
+            ckpt = sharded_checkpoint_metadata(path) | {"state_dict": load_sharded_weights(path)}
+        else:
+            # Our own training checkpoints: Lightning stores loop and data-position state as plain objects.
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # truncated, foreign or not a torch file: torch raises many different errors
         raise ConfigError(
             f"checkpoint {path} is unreadable ({_first_line(exc)}): pass another checkpoint "

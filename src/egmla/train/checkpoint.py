@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..model import ConfigError, ModelConfig
+from .fsdp import is_sharded_checkpoint, sharded_checkpoint_metadata
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,22 +48,29 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             )
         return None
     path = checkpoint_dir(run_dir) / "last.ckpt" if resume == "last" else Path(resume)
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         hint = f"checkpoints there: {', '.join(p.name for p in found)}" if found else "start without resume"
         raise ConfigError(f"resume={resume}: no checkpoint at {path} ({hint})")
     return path
 
 
 def check_checkpoint(path: Path, model_cfg: ModelConfig) -> dict[str, Any]:
-    """Load a checkpoint's metadata and refuse one that is unreadable or was trained with another model."""
+    """Load a checkpoint's metadata and refuse one that is unreadable or was trained with another model.
+
+    A sharded checkpoint (trainer=fsdp: a folder of shards) is checked through its metadata file."""
+    sharded = path.is_dir()
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if sharded:
+            ckpt = sharded_checkpoint_metadata(path)
+            ckpt["state_dict"] = {} if is_sharded_checkpoint(path) else None  # the tensors stay in the shards
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # a truncated or foreign file: torch raises many different errors
         raise ConfigError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): "
             "resume from another checkpoint (resume=PATH) or start a new run"
         ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or ckpt.get("state_dict") is None:
         raise ConfigError(f"checkpoint {path} is not an egmla training checkpoint (no state_dict)")
     saved = ckpt.get("egmla_model_config")
     current = asdict(model_cfg)

@@ -37,8 +37,31 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.strategy={cfg.trainer.strategy!r} is invalid: expected one of {', '.join(STRATEGIES)}"
         )
-    if cfg.trainer.strategy == "fsdp2":
-        raise ConfigError("trainer=fsdp is not implemented yet (it lands with FSDP2 scale-up): use trainer=ddp")
+    from .fsdp import AC_MODES
+
+    ac = t.get("activation_checkpointing", "none")
+    if ac not in AC_MODES:
+        raise ConfigError(f"train.activation_checkpointing={ac!r} is invalid: expected one of {', '.join(AC_MODES)}")
+    if cfg.trainer.strategy == "fsdp2" and cfg.get("eval", {}).get("tasks"):
+        raise ConfigError(
+            "eval with trainer=fsdp is not supported (a sharded model needs every rank): train with eval=none, "
+            "then run egmla-eval checkpoint=RUN_DIR on the sharded checkpoint"
+        )
+
+
+def _strategy(cfg: DictConfig) -> tuple[Any, str, dict | None]:
+    """(Lightning strategy, Lightning precision, FSDP2 settings or None) for the trainer config group.
+
+    Under FSDP2, bf16-mixed is FSDP's own mixed precision (bf16 parameters for compute, fp32 gradient
+    reduction and fp32 master weights), so Lightning itself runs in full precision without autocast.
+    """
+    t = cfg.trainer
+    if t.strategy != "fsdp2":
+        return t.strategy, t.precision, None
+    from .fsdp import fsdp2_strategy
+
+    sharding = {"precision": t.precision, "reshard_after_forward": t.get("reshard_after_forward", True)}
+    return fsdp2_strategy(), "32-true" if t.precision == "bf16-mixed" else t.precision, sharding
 
 
 def _logger(cfg: DictConfig, run_dir: Path):
@@ -138,7 +161,10 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
     t, d = cfg.train, cfg.data
     accumulate = cfg.trainer.accumulate_grad_batches
     token_bytes = torch.as_tensor(datamodule.tokenizer.token_bytes())
-    module = LanguageModel(mcfg, OmegaConf.to_container(cfg.optim), t.max_steps, token_bytes, compile=t.compile)
+    strategy, precision, sharding = _strategy(cfg)
+    ac = t.get("activation_checkpointing", "none")
+    module = LanguageModel(mcfg, OmegaConf.to_container(cfg.optim), t.max_steps, token_bytes, compile=t.compile,
+                           activation_checkpointing=ac, sharding=sharding)  # fmt: skip
     throughput = Throughput(accounting.flops_per_token(mcfg, d.seq_len), d.batch_size * d.seq_len, t.log_every)
     checkpoints = ModelCheckpoint(
         dirpath=checkpoint_dir(run_dir),
@@ -154,8 +180,8 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,
+        strategy=strategy,
+        precision=precision,
         accumulate_grad_batches=accumulate,
         max_steps=t.max_steps,
         val_check_interval=t.val_every * accumulate,

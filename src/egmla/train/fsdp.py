@@ -1,0 +1,162 @@
+"""FSDP2 sharding, activation checkpointing and per-block compilation, applied beside the model (torchtitan-style).
+
+The model stays plain PyTorch; these functions rewrap its blocks in place, so parameter names (and therefore
+checkpoints) are those of the unwrapped model. Used by the LightningModule's configure_model() under
+`trainer=fsdp` and by `egmla-bench train --gpus N`.
+
+Order matters, as in torchtitan: activation checkpointing, then compilation, then sharding.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..model import ConfigError, Transformer
+
+AC_MODES = ("none", "selective", "full")
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    """Recompute activations in the backward pass, block by block.
+
+    full: keep only each block's input. selective: keep the outputs of matmuls and attention (the costly
+    ops) and recompute the cheap elementwise ones (norms, RoPE, SwiGLU's product, EG-MLA's gate and norms).
+    """
+    if mode not in AC_MODES:
+        raise ConfigError(f"train.activation_checkpointing={mode!r} is invalid: expected one of {', '.join(AC_MODES)}")
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    context_fn = _selective_context if mode == "selective" else None
+    for i, block in enumerate(model.blocks):
+        kwargs = {"context_fn": context_fn} if context_fn else {}
+        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default}
+    save |= {getattr(aten, name).default for name in _SDPA_OPS if hasattr(aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+_SDPA_OPS = (
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+)
+
+
+def compile_blocks(model: Transformer) -> None:
+    """torch.compile each block's forward: one graph reused by every layer; FSDP's hooks stay eager."""
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward)
+
+
+def mixed_precision(precision: str):
+    """FSDP2's MixedPrecisionPolicy for a Lightning precision string: bf16-mixed -> bf16 compute, fp32 grads."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()  # parameters' own dtype (fp32 for 32-true, bf16 for bf16-true)
+
+
+def apply_fsdp2(model: Transformer, mesh, precision: str = "bf16-mixed", reshard_after_forward: bool = True) -> None:
+    """Shard every block, every gate table and then the root (token embedding, final norm, tied head).
+
+    Each gate table is its own unit, sharded by rows like the token embedding: it is gathered just before the
+    layer that reads it, so a 1B model's 0.6B gate-table parameters are never all resident at once.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    policy = mixed_precision(precision)
+    shard = partial(fully_shard, mesh=mesh, mp_policy=policy)
+    for table in model.gate_tables:
+        shard(table, reshard_after_forward=reshard_after_forward)
+    for i, block in enumerate(model.blocks):
+        # The last block's parameters are needed again at once by the backward pass: keep them gathered.
+        shard(block, reshard_after_forward=reshard_after_forward and i < len(model.blocks) - 1)
+    shard(model, reshard_after_forward=reshard_after_forward)
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Clip by the global gradient norm; with sharded (DTensor) gradients the norm is reduced over ranks."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+    return total
+
+
+def fsdp2_strategy(**kwargs):
+    """Lightning's ModelParallelStrategy as pure FSDP2: every rank of every node is one data-parallel shard."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class FSDP2Strategy(ModelParallelStrategy):
+        def setup_environment(self) -> None:
+            self._data_parallel_size = self.num_nodes * self.num_processes
+            self._tensor_parallel_size = 1
+            super().setup_environment()
+
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+            """Write the shards into a temporary folder, then swap it in: a crash never leaves a torn checkpoint."""
+            path = Path(self.broadcast(str(filepath)))
+            tmp = path.with_name(path.name + ".tmp")
+            if self.global_rank == 0 and tmp.exists():
+                shutil.rmtree(tmp)
+            self.barrier()
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            self.barrier()
+            if self.global_rank == 0:
+                old = path.with_name(path.name + ".old")
+                if path.exists():
+                    os.replace(path, old)
+                os.replace(tmp, path)
+                if old.is_dir():
+                    shutil.rmtree(old)
+                elif old.exists():
+                    old.unlink()
+            self.barrier()
+
+    return FSDP2Strategy(save_distributed_checkpoint=True, **kwargs)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A distributed (sharded) checkpoint: a folder with torch.distributed.checkpoint's .metadata."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def load_sharded_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full model state_dict of a sharded checkpoint, on the CPU, in one process (optimizer states skipped)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    planner = _EmptyStateDictLoadPlanner(keys={"state_dict"})
+    _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
+    return state["state_dict"]
+
+
+def sharded_checkpoint_metadata(path: Path) -> dict:
+    """Everything of a sharded checkpoint but the tensors (Lightning's meta.pt: step, loops, callbacks, config)."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)

@@ -1,0 +1,107 @@
+"""FSDP2 (trainer=fsdp) on 2 CPU processes (gloo), and activation checkpointing, through the real conf/ tree.
+
+Lightning re-launches the command once per extra rank, so the distributed runs are subprocesses.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from egmla import build_model, compose
+from egmla.train.fsdp import apply_activation_checkpointing, is_sharded_checkpoint
+from test_train import corpus, overrides  # noqa: F401  (the corpus fixture)
+
+FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "attention=egmla"]
+
+
+def egmla_train(args: list[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "egmla.train", *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step from every csv/version_N/metrics.csv of a run (a resume writes a new version)."""
+    losses = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss"):
+                    losses[int(row["step"])] = float(row["train/loss"])
+    return losses
+
+
+def test_fsdp2_trains_saves_sharded_checkpoints_and_resumes_exactly(corpus, tmp_path):  # noqa: F811
+    """Stopped at step 4 and resumed to 6, a 2-rank FSDP2 run ends where an uninterrupted one does: same losses,
+    same weights (read back from the sharded checkpoints by the evaluation loader, in one process)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from egmla.eval.load import load_run
+
+    # A constant learning rate after warm-up: stopping at step 4 of a 4-step run is then step 4 of a 6-step one.
+    common = [*FSDP, "train.ckpt_every=2", "train.keep_checkpoints=1", "optim.schedule=constant"]
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    egmla_train(overrides(corpus, stopped, *common, "train.max_steps=4"))
+    last = stopped / "checkpoints" / "last.ckpt"
+    assert is_sharded_checkpoint(last)
+    assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["last.ckpt", "step0000004.ckpt"]
+    # Every weight, gate tables included, and its optimizer moments are split by rows over the two ranks.
+    metadata = FileSystemReader(str(last)).read_metadata().state_dict_metadata
+    for name in ("model.gate_tables.0.weight", "model.embed.weight", "model.blocks.1.attn.wkv_b.weight"):
+        for key in (f"state_dict.{name}", f"optimizer_0.state.{name}.exp_avg"):
+            chunks = metadata[key].chunks
+            assert len(chunks) == 2 and chunks[0].sizes[0] + chunks[1].sizes[0] == metadata[key].size[0], key
+
+    egmla_train(overrides(corpus, stopped, *common, "train.max_steps=6", "resume=last"))
+    egmla_train(overrides(corpus, straight, *common, "train.max_steps=6"))
+    resumed, reference = train_losses(stopped), train_losses(straight)
+    assert sorted(resumed) == sorted(reference) == list(range(6))
+    assert resumed == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    results = json.loads((stopped / "results.json").read_text())
+    assert results["train"]["steps"] == 6 and results["train"]["devices"] == 2
+    assert results["val"]["loss"] == pytest.approx(json.loads((straight / "results.json").read_text())["val"]["loss"])
+
+    a, _, _ = load_run(stopped)
+    b, _, _ = load_run(straight)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fsdp_refuses_in_training_evaluation(corpus, tmp_path, capsys):  # noqa: F811
+    from egmla.train.main import main
+
+    assert main(overrides(corpus, tmp_path / "run", *FSDP, "eval=offline")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "egmla-eval" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_changes_neither_the_loss_nor_the_gradients(mode):
+    cfg = compose(["model=tiny", "attention=egmla", "model.vocab_size=97"])
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    checkpointed = build_model(cfg)
+    checkpointed.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(checkpointed, mode)
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())  # checkpoints keep their keys
+    ids = torch.randint(0, 97, (2, 24))
+    losses = []
+    for model in (plain, checkpointed):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    grads = dict(plain.named_parameters())
+    for name, p in checkpointed.named_parameters():
+        ref = grads[name.replace("_checkpoint_wrapped_module.", "")]
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-6, atol=1e-7, msg=name)
