@@ -64,3 +64,20 @@ def test_decode_beyond_capacity_is_a_clear_error():
         assert "holds 4 tokens" in str(exc)
     else:
         raise AssertionError("decoding past the cache's capacity must fail")
+
+
+def test_padded_output_head_computes_the_unpadded_logits():
+    """A GPT-2-sized vocabulary is padded for the matmul: logits and gradients are those of the plain head."""
+    from egmla import build_model, compose
+
+    vocab = 6417  # pads to 6464 (47 rows, under 1%), like GPT-2's 50,257 -> 50,304
+    model = build_model(compose(["model=tiny", f"model.vocab_size={vocab}"]))
+    h = torch.randn(2, 5, model.cfg.d_model, requires_grad=True)
+    padded = model.output_head(h)
+    plain = h @ model.lm_head.weight.T
+    assert padded.shape == (2, 5, vocab)
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
+    (grad_padded,) = torch.autograd.grad(padded.square().sum(), model.lm_head.weight)
+    (grad_plain,) = torch.autograd.grad(plain.square().sum(), model.lm_head.weight)
+    assert grad_padded.shape == (vocab, model.cfg.d_model)
+    torch.testing.assert_close(grad_padded, grad_plain, rtol=1e-5, atol=1e-4)

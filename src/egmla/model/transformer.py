@@ -84,7 +84,16 @@ class Transformer(nn.Module):
             x = block(x, ids, start, layer_cache, context_ids, self.gate_table(i))
         if cache is not None:
             cache.length = start + ids.shape[1]
-        return self.lm_head(self.norm(x))
+        return self.output_head(self.norm(x))
+
+    def output_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [..., vocab_size]. A large vocabulary is padded with zero rows to a multiple of 64 for the
+        matmul and sliced off after: GPT-2's 50,257-wide logit rows are misaligned for tensor-core GEMMs."""
+        pad = -self.cfg.vocab_size % 64
+        if pad == 0 or pad * 100 > self.cfg.vocab_size:  # aligned already, or padding would cost > 1% more work
+            return self.lm_head(h)
+        weight = F.pad(self.lm_head.weight, (0, 0, 0, pad))
+        return F.linear(h, weight)[..., : self.cfg.vocab_size]
 
     def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> DecodeCache:
         """An empty decode cache for `capacity` tokens, in the model's dtype and device by default."""
