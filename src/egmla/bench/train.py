@@ -1,59 +1,78 @@
-"""`egmla-bench train`: training-step throughput of each attention variant, in one process, on one device.
+"""`egmla-bench train`: training-step throughput of each attention variant, on one GPU or sharded over several.
 
     egmla-bench train --size 120m --variants mha mla egmla --seq 2048 --batch 16
+    egmla-bench train --size 1.2b --variants egmla --batch 8 --gpus 4        # FSDP2 over 4 GPUs (torchrun)
     egmla-bench train --size tiny --seq 128 --batch 4 --steps 3 --warmup 1     # CPU smoke run
 
-Each variant gets the same loop as egmla-train's inner step (bf16 autocast on GPU, fused AdamW, gradient
-clipping at 1.0, optional torch.compile) on random token ids, so the figures isolate the model from data
-loading. Reported: tokens/s, MFU (DESIGN.md convention; GPU only), peak memory, and tokens/s relative to the
-first variant (MHA by default), measured in this same run.
+Each variant gets egmla-train's inner step on random token ids, so the figures isolate the model from data
+loading: one GPU: bf16 autocast, torch.compile of the whole model and of the loss; several GPUs: FSDP2 exactly
+as trainer=fsdp applies it (blocks compiled one by one, bf16 mixed-precision policy); then fused AdamW and
+gradient clipping at 1.0. --batch is per GPU. Reported: tokens/s of all GPUs, MFU per GPU (DESIGN.md
+convention), peak memory of the fullest GPU, and tokens/s relative to the first variant, measured in this run.
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import accounting
 from ..config import build_model, compose
 from ..model import ConfigError
+from ..train import fsdp
 from ..train.perf import peak_flops
 from ..train.rundir import git_commit
 
 CSV_COLUMNS = ["variant", "size", "seq", "batch", "gpus", "card", "tok_per_s", "mfu", "peak_mem_gib", "date", "commit"]
 
 
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, warmup: int, compile: bool,
                   overrides: list[str], device: torch.device, profile: bool = False,
-                  compile_loss: bool = False) -> dict:  # fmt: skip
+                  activation_checkpointing: str = "none", reshard_after_forward: bool = True) -> dict:  # fmt: skip
     cfg = compose([f"model={size}", f"attention={variant}", *overrides])
+    sharded = dist.is_initialized()
+    world = dist.get_world_size() if sharded else 1
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    if compile:
-        model.compile()
+    model = build_model(cfg)
+    fsdp.apply_activation_checkpointing(model, activation_checkpointing)
+    if sharded:  # as LanguageModel.configure_model does under trainer=fsdp
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if compile:
+            fsdp.compile_blocks(model)
+        precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+        fsdp.apply_fsdp2(model, init_device_mesh(device.type, (world,)), precision, reshard_after_forward)
+    else:
+        model.to(device)
+        if compile:
+            model.compile()
+    loss_fn = torch.compile(_cross_entropy) if compile else _cross_entropy
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     vocab = model.cfg.vocab_size
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-    if compile_loss:  # lets inductor fuse the fp32 cast into the softmax instead of materialising fp32 logits
-        loss_fn = torch.compile(loss_fn)
+    # Under FSDP2 the mixed-precision policy casts the parameters; autocast is for the unsharded model only.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not sharded)
+    generator = torch.Generator(device).manual_seed(dist.get_rank() if sharded else 0)
 
     def step() -> None:
-        ids = torch.randint(0, vocab, (batch, seq + 1), device=device)
+        ids = torch.randint(0, vocab, (batch, seq + 1), device=device, generator=generator)
         with autocast:
             logits = model(ids[:, :-1])
         loss = loss_fn(logits, ids[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        fsdp.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -61,30 +80,40 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
         step()
     if profile:
         _profile(step, device, cfg.attention.name)
+    _sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     seconds = time.perf_counter() - start
-    tok_per_s = batch * seq * steps / seconds
+    tok_per_s = batch * seq * steps * world / seconds
     peak = peak_flops(device)
+    peak_mem = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0)
+    if sharded:  # the fullest GPU's
+        peak_mem = peak_mem.to(device)
+        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
     return {
         "variant": cfg.attention.name,
         "size": size,
         "seq": seq,
         "batch": batch,
-        "gpus": 1 if device.type == "cuda" else 0,
+        "gpus": world if device.type == "cuda" else 0,  # CPU processes are not GPUs
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "tok_per_s": tok_per_s,
-        "mfu": accounting.flops_per_token(model.cfg, seq) * tok_per_s / peak if peak else None,
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "mfu": accounting.flops_per_token(model.cfg, seq) * tok_per_s / (peak * world) if peak else None,
+        "peak_mem_gib": float(peak_mem) if device.type == "cuda" else None,
         "date": date.today().isoformat(),
         "commit": (git_commit()["commit"] or "")[:12],
     }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _profile(step, device: torch.device, name: str, steps: int = 3) -> None:
@@ -95,20 +124,24 @@ def _profile(step, device: torch.device, name: str, steps: int = 3) -> None:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\n--- profile: {name}, {steps} steps, by {key}")
-    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"\n--- profile: {name}, {steps} steps, by {key}")
+        print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
 
 
 def format_table(rows: list[dict]) -> str:
     base = rows[0]["tok_per_s"]
-    lines = [f"{'variant':<22} {'tok/s':>10} {'vs ' + rows[0]['variant']:>10} {'MFU':>7} {'peak GiB':>9}"]
+    lines = [
+        f"{'variant':<22} {'tok/s':>10} {'per GPU':>10} {'vs ' + rows[0]['variant']:>10} {'MFU':>7} {'peak GiB':>9}"
+    ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-        lines.append(f"{r['variant']:<22} {r['tok_per_s']:>10,.0f} {r['tok_per_s'] / base:>9.3f}x {mfu:>7} {mem:>9}")
+        per_gpu = r["tok_per_s"] / max(1, r["gpus"])
+        lines.append(f"{r['variant']:<22} {r['tok_per_s']:>10,.0f} {per_gpu:>10,.0f} {r['tok_per_s'] / base:>9.3f}x "
+                     f"{mfu:>7} {mem:>9}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -118,19 +151,36 @@ def add_parser(sub) -> None:
     train.add_argument("--size", default="120m", help="model size (conf/model/*.yaml)")
     train.add_argument("--variants", nargs="+", default=["mha", "gqa", "mqa", "mla", "egmla"])
     train.add_argument("--seq", type=int, default=2048)
-    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--batch", type=int, default=16, help="sequences per GPU per step")
+    train.add_argument("--gpus", type=int, default=1, help="GPUs to shard over with FSDP2 (launched by torchrun)")
     train.add_argument("--steps", type=int, default=20, help="timed steps")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     train.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    train.add_argument("--ac", default="none", choices=fsdp.AC_MODES, help="activation checkpointing")
+    train.add_argument("--no-reshard", action="store_true", help="FSDP2: keep parameters gathered for the backward")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
     train.add_argument("--csv", type=Path, default=None, help="append rows to this CSV file")
     train.add_argument("--profile", action="store_true", help="print the top operators of each variant")
-    train.add_argument("--compile-loss", action="store_true", help="also torch.compile the cross-entropy")
     train.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.gpus > 1 and "LOCAL_RANK" not in os.environ:  # relaunch: one process per GPU (per CPU process without)
+        if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
+            print(f"egmla-bench: error: --gpus {args.gpus} but {torch.cuda.device_count()} GPUs are visible",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
+                   "-m", "egmla.bench", *args.argv]  # fmt: skip
+        return subprocess.run(command).returncode
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "LOCAL_RANK" in os.environ and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif "LOCAL_RANK" in os.environ:
+        dist.init_process_group("gloo")
+    rank_zero = not dist.is_initialized() or dist.get_rank() == 0
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     overrides = [f"model.max_seq_len={max(args.seq, 1)}", *args.set]
@@ -139,14 +189,21 @@ def run(args) -> int:
         for variant in args.variants:
             rows.append(bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup,
                                       not args.no_compile and device.type == "cuda", overrides, device,
-                                      args.profile, args.compile_loss))  # fmt: skip
-            print(format_table(rows).splitlines()[-1], flush=True)
+                                      args.profile, args.ac, not args.no_reshard))  # fmt: skip
+            if rank_zero:
+                print(format_table(rows).splitlines()[-1], flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     except ConfigError as exc:
         print(f"egmla-bench: error: {exc}", file=sys.stderr)
         return 2
-    print(f"\n{args.size}, seq {args.seq}, batch {args.batch}, {rows[0]['card']}, {args.steps} timed steps\n")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if not rank_zero:
+        return 0
+    gpus = f"{rows[0]['gpus']} x " if rows[0]["gpus"] > 1 else ""
+    print(f"\n{args.size}, seq {args.seq}, batch {args.batch}/GPU, {gpus}{rows[0]['card']}, {args.steps} timed steps\n")
     print(format_table(rows))
     if args.csv:
         new = not args.csv.exists()
