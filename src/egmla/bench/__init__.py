@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import train
+from . import decode, train
 from .train import CSV_COLUMNS  # noqa: F401  (the throughput table's columns, re-exported for tests)
 
 
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="egmla-bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train.add_parser(sub)
+    decode.add_parser(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch itself, one process per GPU
     return args.run(args)

@@ -128,7 +128,7 @@ def _profile(step, device: torch.device, name: str, steps: int = 3) -> None:
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"\n--- profile: {name}, {steps} steps, by {key}")
-        print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
 
 
 def format_table(rows: list[dict]) -> str:

@@ -131,6 +131,9 @@ class LatentAttention(nn.Module):
         elif self.gate_on == "content":
             self.k_norm = _norm(a.gate_norm, self.d_nope, cfg.norm_eps)
             self.v_norm = _norm(a.gate_norm, self.d_v, cfg.norm_eps)
+        # Decode only (see enable_fused_decode): (gate source, backend) and the per-vocabulary gate table.
+        self.fused_decode: tuple[str, str] | None = None
+        self.register_buffer("fused_gate_rows", None, persistent=False)
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         return {"latent": (self.d_c,), "k_rope": (self.d_rope,)}
@@ -157,6 +160,9 @@ class LatentAttention(nn.Module):
 
         if cache is not None:
             latent, k_rope = cache.update(start, latent=latent, k_rope=k_rope)
+            if self.fused_decode is not None and t == 1:
+                y = self._attend_fused(q_nope, q_rope, latent, k_rope, context_ids, gate_table)
+                return self.wo(y.transpose(1, 2).reshape(b, t, -1))
             if self.gate_on == "content" and latent.shape[1] != t:
                 gate, _ = self.gate(gate_table(context_ids))  # recompute the gate for the whole context
         if self.absorb and cache is not None:
@@ -180,15 +186,46 @@ class LatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         return causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), self.scale)
 
+    def _attend_fused(self, q_nope, q_rope, latent, k_rope, context_ids, gate_table):
+        """One new token per sequence, through egmla.kernels: K/V are expanded, gated and normalised on chip."""
+        from ..kernels import fused_decode
+
+        y = fused_decode(self, q_nope[:, :, 0], q_rope[:, :, 0], latent, k_rope, context_ids, gate_table)
+        return y[:, :, None]
+
+    def enable_fused_decode(self, gate_source: str | None, gate_table: nn.Embedding | None = None,
+                            backend: str = "reference") -> None:  # fmt: skip
+        """Decode single tokens with the fused kernel (EG-MLA gating the content), or stop with None.
+
+        gate_source "table" builds G = act(W_ue E) for the whole vocabulary (a non-persistent buffer);
+        "embedding" recomputes the gate from E's rows in the kernel. Prefer egmla.kernels.enable_fused_decode,
+        which does every layer and picks the backend.
+        """
+        from .. import kernels
+
+        if gate_source is None:
+            self.fused_decode, self.fused_gate_rows = None, None
+            return
+        kernels.check_supported(self, gate_source, backend)
+        self.fused_gate_rows = kernels.build_gate_rows(self, gate_table) if gate_source == "table" else None
+        self.fused_decode = (gate_source, backend)
+
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope):
         """DeepSeek's decode: fold W_uk into the query and W_uv into the output; attend over the latent."""
         w = self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.d_c)
         w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope :]
         q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)
-        q = torch.cat([q_latent, q_rope], dim=-1)
-        k = torch.cat([latent, k_rope], dim=-1)[:, None]  # one shared "head", MQA-style
-        o = causal_attention(q, k, latent[:, None], self.scale)
-        return torch.einsum("bhtc,hvc->bhtv", o, w_uv)
+        b, h, t, _ = q_latent.shape
+        s = latent.shape[1]
+        # Every head attends to one shared latent "head" (MQA-style): fold the heads into the query axis so that
+        # SDPA reads the latent once instead of repeating it per head (its fallback for d_c + d_rope > 256 does).
+        q = torch.cat([q_latent, q_rope], dim=-1).reshape(b, 1, h * t, -1)
+        k = torch.cat([latent, k_rope], dim=-1)[:, None]
+        mask = None
+        if t > 1:  # query i of each head sees keys 0 .. s - t + i
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t).repeat(h, 1)
+        o = F.scaled_dot_product_attention(q, k, latent[:, None], attn_mask=mask, scale=self.scale)
+        return torch.einsum("bhtc,hvc->bhtv", o.view(b, h, t, -1), w_uv)
 
 
 def build_attention(cfg: ModelConfig, rotary: Rotary) -> nn.Module:

@@ -21,7 +21,11 @@ def is_rank_zero() -> bool:
 
 
 def git_commit() -> dict[str, Any]:
-    """The commit of the checkout this code runs from (None outside git) and whether it had local changes."""
+    """The commit of the checkout this code runs from (None outside git) and whether it had local changes.
+
+    EGMLA_GIT_COMMIT, when set, wins: a copy of the tree shipped to another machine may carry a stale .git."""
+    if os.environ.get("EGMLA_GIT_COMMIT"):
+        return {"commit": os.environ["EGMLA_GIT_COMMIT"], "dirty": None}
     source = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -30,8 +34,7 @@ def git_commit() -> dict[str, Any]:
                                 capture_output=True, text=True, timeout=10).stdout  # fmt: skip
         return {"commit": commit, "dirty": bool(status.strip())}
     except (OSError, subprocess.SubprocessError):
-        # A copy of the tree without .git (e.g. shipped to a GPU machine): the launcher may say the commit.
-        return {"commit": os.environ.get("EGMLA_GIT_COMMIT"), "dirty": None}
+        return {"commit": None, "dirty": None}
 
 
 def _versions() -> dict[str, str | None]:

@@ -1,0 +1,144 @@
+"""Fused decode for EG-MLA gating the K/V content: one new token attends over the cached latent without
+writing the expanded K/V (egmla_decode.py, Triton), and the same algorithm in PyTorch (reference.py).
+
+    model = build_model(cfg).to(device, dtype)
+    enable_fused_decode(model, gate_source="table")   # or "embedding"; None turns it off
+    model(next_ids, cache)                              # decode steps (T == 1) now use the fused path
+
+Gate sources: "table" precomputes G = act(W_ue E) for the whole vocabulary once per layer (a non-persistent
+buffer, vocab x n_h * (d_nope + d_v) per layer, reported apart from the KV cache) and gathers its rows by
+token id; "embedding" gathers E's rows and recomputes the gate inside the kernel. Backends: "triton" (GPU, or
+the CPU interpreter under TRITON_INTERPRET=1), "reference" (PyTorch, any device), "auto" (triton on CUDA when
+importable, else reference). Triton is imported only when its backend runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+from . import reference
+from .reference import DecodeWeights
+
+GATE_SOURCES = ("table", "embedding")
+BACKENDS = ("auto", "triton", "reference")
+
+# Tiling of both backends (context tokens per tile, tokens per split: None = the Triton heuristic, one split
+# for the reference) and the Triton launch (warps, pipeline stages); egmla-bench decode sets them.
+OPTIONS = {"block_s": 32, "split_tokens": None, "num_warps": 2, "num_stages": 2}
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    return backend
+
+
+def _norm_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    return "none" if isinstance(module, nn.Identity) else "rmsnorm"
+
+
+def _activation_kind(module: nn.Module) -> str:
+    return {nn.Identity: "none", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}[type(module)]
+
+
+def check_supported(attn, gate_source: str, backend: str) -> None:
+    """Raise a one-line ValueError when the fused decode cannot serve this attention layer."""
+    fallback = "decode with the unfused path (do not enable the fused decode)"
+    if gate_source not in GATE_SOURCES:
+        raise ValueError(f"gate_source={gate_source!r} is invalid: expected one of {', '.join(GATE_SOURCES)}")
+    if getattr(attn, "gate_on", None) != "content":
+        raise ValueError(f"the fused decode serves EG-MLA gating the K/V content only; {fallback}")
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError(f"the Triton backend needs triton installed; use backend='reference' or {fallback}")
+        dims = {"qk_nope_head_dim": attn.d_nope, "v_head_dim": attn.d_v, "qk_rope_head_dim": attn.d_rope,
+                "kv_lora_rank": attn.d_c}  # fmt: skip
+        if gate_source == "embedding":
+            dims["gate_dim"] = attn.gate.up.in_features
+        for key, value in dims.items():
+            if value < 16 or value & (value - 1):
+                raise ValueError(
+                    f"the Triton fused decode needs powers of two >= 16; attention.{key}={value}: {fallback}"
+                )
+        if attn.wkv_b.weight.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"the Triton backend runs on CUDA (or on CPU under TRITON_INTERPRET=1); {fallback}")
+
+
+def gate_width(attn) -> int:
+    return attn.n_heads * (attn.d_nope if attn.gate_kv == "shared" else attn.d_nope + attn.d_v)
+
+
+@torch.no_grad()
+def build_gate_rows(attn, gate_table: nn.Embedding, chunk: int = 8192) -> torch.Tensor:
+    """G = act(W_ue E) for every vocabulary row [V, gate width], in the weights' dtype (RoPE-key gate left out:
+    it is applied before caching)."""
+    table = gate_table.weight
+    rows = torch.empty(table.shape[0], gate_width(attn), dtype=table.dtype, device=table.device)
+    for i in range(0, table.shape[0], chunk):
+        rows[i : i + chunk] = attn.gate(table[i : i + chunk])[0]
+    return rows
+
+
+def decode_weights(attn, gate_table: nn.Embedding) -> DecodeWeights:
+    """One layer's weights as the fused decode reads them (views, no copies)."""
+    table = attn.fused_decode[0] == "table"
+    norm = _norm_kind(attn.k_norm)
+    return DecodeWeights(
+        w_ukv=attn.wkv_b.weight.view(attn.n_heads, attn.d_nope + attn.d_v, attn.d_c),
+        d_nope=attn.d_nope,
+        scale=attn.scale,
+        shared=attn.gate_kv == "shared",
+        gate_rows=attn.fused_gate_rows if table else None,
+        embedding=None if table else gate_table.weight,
+        w_ue=None if table else attn.gate.up.weight,
+        activation=_activation_kind(attn.gate.activation),
+        norm=norm,
+        k_weight=None if norm == "none" else attn.k_norm.weight,
+        k_bias=getattr(attn.k_norm, "bias", None),
+        v_weight=None if norm == "none" else attn.v_norm.weight,
+        v_bias=getattr(attn.v_norm, "bias", None),
+        eps=getattr(attn.k_norm, "eps", 0.0),
+    )
+
+
+def fused_decode(attn, q_nope, q_rope, latent, k_rope, ids, gate_table) -> torch.Tensor:
+    """The attention output [B, H, d_v] of one new token per sequence (called by LatentAttention)."""
+    w = decode_weights(attn, gate_table)
+    if attn.fused_decode[1] == "triton":
+        from . import egmla_decode  # imports triton
+
+        return egmla_decode.decode_attention(q_nope, q_rope, latent, k_rope, ids, w, **OPTIONS)
+    tiling = {"block_s": OPTIONS["block_s"], "split_tokens": OPTIONS["split_tokens"]}
+    return reference.decode_attention(q_nope, q_rope, latent, k_rope, ids, w, **tiling)
+
+
+def enable_fused_decode(model: nn.Module, gate_source: str | None, backend: str = "auto") -> str | None:
+    """Switch every EG-MLA layer of `model` to the fused decode (None switches back); returns the backend used.
+
+    Call it after moving the model to its device and dtype: the gate table is built where the weights are.
+    """
+    from ..model.attention import LatentAttention
+
+    layers = [(i, b.attn) for i, b in enumerate(model.blocks) if isinstance(b.attn, LatentAttention)]
+    if gate_source is None:
+        for _, attn in layers:
+            attn.enable_fused_decode(None)
+        return None
+    backend = resolve_backend(backend, model.embed.weight.device)
+    if not layers:
+        raise ValueError("the fused decode serves EG-MLA gating the K/V content only; this model has no such layer")
+    for i, attn in layers:
+        attn.enable_fused_decode(gate_source, model.gate_table(i), backend)
+    return backend

@@ -1,0 +1,214 @@
+"""Fused EG-MLA decode in Triton (flash-decoding): expand, gate, normalise and attend without writing K/V.
+
+Grid (head, split, sequence), heads fastest so the programs that share a latent tile run together and find
+it in L2. Each program walks its split of the context in tiles of BLOCK_S tokens and reads from memory only:
+the latent tile, the RoPE-key tile, the token ids and the gate's source rows (per-vocabulary gate table rows,
+or embedding rows recomputed through W_ue on tensor cores). k_nope and v come from tl.dot with W_uk[h]^T and
+W_uv[h]^T, are gated and normalised in fp32 registers and fold into an online softmax. A second small kernel
+merges the splits by their log-sum-exp. reference.py is the same algorithm in PyTorch.
+
+Importing this module imports triton: egmla.kernels does so only when the Triton backend is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import DecodeWeights, split_layout
+
+ACT = {"none": 0, "sigmoid": 1, "silu": 2}
+NORM = {"none": 0, "layernorm": 1, "rmsnorm": 2}
+
+
+@triton.jit
+def _activate(x, ACT_KIND: tl.constexpr):
+    if ACT_KIND == 1:
+        x = tl.sigmoid(x)
+    elif ACT_KIND == 2:
+        x = x * tl.sigmoid(x)
+    return x
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation; UPCAST only for the CPU interpreter, whose bf16 tl.dot is wrong."""
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _egmla_decode_split(
+    QN, QR, LAT, KR, IDS, W_UKV, G, EMB, W_UE, KW, KB, VW, VB, O_SPLIT, LSE_SPLIT,
+    S, split_tokens, n_split, scale, eps,
+    s_qn_b, s_qn_h, s_qr_b, s_qr_h, s_lat_b, s_lat_s, s_kr_b, s_kr_s, s_ids_b, s_g_v, s_emb_v,
+    H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, DC: tl.constexpr, GD: tl.constexpr,
+    GATE_H: tl.constexpr, BLOCK_S: tl.constexpr, FROM_TABLE: tl.constexpr, SHARED: tl.constexpr,
+    ACT_KIND: tl.constexpr, NORM_KIND: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    h = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, DC)
+    offs_n = tl.arange(0, DN)
+    offs_v = tl.arange(0, DV)
+    offs_r = tl.arange(0, DR)
+
+    qn = tl.load(QN + b * s_qn_b + h * s_qn_h + offs_n).to(tl.float32)
+    qr = tl.load(QR + b * s_qr_b + h * s_qr_h + offs_r).to(tl.float32)
+    # W_uk[h]^T [DC, DN] and W_uv[h]^T [DC, DV]: W_ukv is [H, DN + DV, DC], row-major.
+    w_head = W_UKV + h * (DN + DV) * DC
+    wuk_t = tl.load(w_head + offs_n[None, :] * DC + offs_c[:, None])
+    wuv_t = tl.load(w_head + (DN + offs_v[None, :]) * DC + offs_c[:, None])
+    # The norms fold into the score and the output: with x = k_nope * g_k, q . LayerNorm(x) =
+    # rstd(x) * (sum(q w x) - mean(x) * sum(q w)) + q . b, and sum_t p_t LayerNorm(y_t) over values y_t =
+    # w * (sum_t p_t rstd_t y_t - sum_t p_t rstd_t mean_t) + b * sum_t p_t: no normalised tile is ever formed.
+    qk = qn
+    if NORM_KIND != 0:
+        qk = qn * tl.load(KW + offs_n).to(tl.float32)
+    qk_sum = tl.sum(qk, axis=0)
+    qk_bias = 0.0
+    if NORM_KIND == 1:
+        qk_bias = tl.sum(qn * tl.load(KB + offs_n).to(tl.float32), axis=0)
+    if FROM_TABLE == 0:  # W_ue[h]^T slices [GD, DN], [GD, DV]: loaded once, reused by every tile
+        offs_g = tl.arange(0, GD)
+        w_ue = W_UE + h * GATE_H * GD
+        w_ue_k = tl.load(w_ue + offs_n[None, :] * GD + offs_g[:, None])
+        w_ue_v = tl.load(w_ue + (DN + offs_v[None, :]) * GD + offs_g[:, None])
+
+    m_i = -float("inf")
+    l_i = 0.0
+    shift = 0.0  # sum_t p_t rstd_t mean_t of the values (LayerNorm only)
+    acc = tl.zeros([DV], dtype=tl.float32)
+    start = split * split_tokens
+    end = tl.minimum(start + split_tokens, S)
+    for s0 in range(start, end, BLOCK_S):
+        pos = s0 + offs_s
+        valid = pos < end
+        c = tl.load(LAT + b * s_lat_b + pos[:, None] * s_lat_s + offs_c[None, :], mask=valid[:, None], other=0.0)
+        x = _dot(c, wuk_t, UPCAST)  # k_nope [BLOCK_S, DN] fp32
+        y = _dot(c, wuv_t, UPCAST)  # v [BLOCK_S, DV] fp32
+        tok = tl.load(IDS + b * s_ids_b + pos, mask=valid, other=0).to(tl.int64)
+        if FROM_TABLE:
+            row = G + tok[:, None] * s_g_v + h * GATE_H
+            g_k = tl.load(row + offs_n[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            if SHARED:  # noqa: SIM108  (a static branch: Triton resolves it at compile time)
+                g_v = g_k
+            else:
+                g_v = tl.load(row + DN + offs_v[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        else:
+            e = tl.load(EMB + tok[:, None] * s_emb_v + offs_g[None, :], mask=valid[:, None], other=0.0)
+            g_k = _activate(_dot(e, w_ue_k, UPCAST), ACT_KIND)
+            if SHARED:  # noqa: SIM108
+                g_v = g_k
+            else:
+                g_v = _activate(_dot(e, w_ue_v, UPCAST), ACT_KIND)
+        x = x * g_k
+        y = y * g_v
+        score = tl.sum(x * qk[None, :], axis=1)
+        if NORM_KIND == 1:
+            mean = tl.sum(x, axis=1) / DN
+            rstd = tl.rsqrt(tl.maximum(tl.sum(x * x, axis=1) / DN - mean * mean, 0.0) + eps)
+            score = rstd * (score - mean * qk_sum) + qk_bias
+        elif NORM_KIND == 2:
+            score = score * tl.rsqrt(tl.sum(x * x, axis=1) / DN + eps)
+        k_r = tl.load(KR + b * s_kr_b + pos[:, None] * s_kr_s + offs_r[None, :], mask=valid[:, None], other=0.0)
+        score += tl.sum(k_r.to(tl.float32) * qr[None, :], axis=1)
+        score = tl.where(valid, score * scale, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(score, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(score - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        coef = p
+        if NORM_KIND == 1:
+            mean_v = tl.sum(y, axis=1) / DV
+            rstd_v = tl.rsqrt(tl.maximum(tl.sum(y * y, axis=1) / DV - mean_v * mean_v, 0.0) + eps)
+            coef = p * rstd_v
+            shift = shift * alpha + tl.sum(coef * mean_v, axis=0)
+        elif NORM_KIND == 2:
+            coef = p * tl.rsqrt(tl.sum(y * y, axis=1) / DV + eps)
+        acc = acc * alpha + tl.sum(coef[:, None] * y, axis=0)
+        m_i = m_new
+
+    o = acc / l_i
+    if NORM_KIND == 1:
+        o = (o - shift / l_i) * tl.load(VW + offs_v).to(tl.float32) + tl.load(VB + offs_v).to(tl.float32)
+    elif NORM_KIND == 2:
+        o = o * tl.load(VW + offs_v).to(tl.float32)
+    out = (b * H + h) * n_split + split
+    tl.store(O_SPLIT + out * DV + offs_v, o)
+    tl.store(LSE_SPLIT + out, m_i + tl.log(l_i))
+
+
+@triton.jit
+def _merge_splits(O_SPLIT, LSE_SPLIT, OUT, n_split, DV: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # one (sequence, head)
+    offs = tl.arange(0, BLOCK_SPLIT)
+    offs_v = tl.arange(0, DV)
+    keep = offs < n_split
+    lse = tl.load(LSE_SPLIT + row * n_split + offs, mask=keep, other=-float("inf"))
+    weight = tl.exp(lse - tl.max(lse, axis=0))
+    o = tl.load(O_SPLIT + (row * n_split + offs)[:, None] * DV + offs_v[None, :], mask=keep[:, None], other=0.0)
+    out = tl.sum(o * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    tl.store(OUT + row * DV + offs_v, out.to(OUT.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def default_split_tokens(batch: int, heads: int, s: int, block_s: int, device: torch.device) -> int:
+    """Enough splits for about 4 programs per SM, never fewer than 4 tiles per split."""
+    splits = max(1, -(-4 * _sm_count(device) // (batch * heads)))
+    return max(4 * block_s, -(-s // splits))
+
+
+def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int = 32,
+                     split_tokens: int | None = None, num_warps: int = 2,
+                     num_stages: int = 2) -> torch.Tensor:  # fmt: skip
+    """Attention output [B, H, d_v] of one new token per sequence; same arguments as reference.decode_attention.
+
+    latent/k_rope/ids may be views of a longer cache (any batch and token strides; the last dim contiguous).
+    """
+    b, h, dn = q_nope.shape
+    s, dc = latent.shape[1], latent.shape[2]
+    dv, dr = w.d_v, q_rope.shape[-1]
+    q_nope, q_rope = q_nope.contiguous(), q_rope.contiguous()
+    for name, t in (("latent", latent), ("k_rope", k_rope), ("ids", ids)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"fused EG-MLA decode: {name} needs a contiguous last dimension")
+    split_tokens = split_tokens or default_split_tokens(b, h, s, block_s, latent.device)
+    split, n_split = split_layout(s, block_s, split_tokens)
+    o_split = torch.empty(b, h, n_split, dv, dtype=torch.float32, device=latent.device)
+    lse_split = torch.empty(b, h, n_split, dtype=torch.float32, device=latent.device)
+    out = torch.empty(b, h, dv, dtype=latent.dtype, device=latent.device)
+
+    w_ukv = w.w_ukv.contiguous()
+    from_table = w.gate_rows is not None
+    g = w.gate_rows if from_table else w_ukv  # unused pointers still need a tensor
+    emb, w_ue = (w_ukv, w_ukv) if from_table else (w.embedding, w.w_ue.contiguous())
+    kw, kb = (w.k_weight, w.k_bias) if w.k_weight is not None else (w_ukv, w_ukv)
+    vw, vb = (w.v_weight, w.v_bias) if w.v_weight is not None else (w_ukv, w_ukv)
+    kb, vb = (kb if kb is not None else w_ukv), (vb if vb is not None else w_ukv)
+    _egmla_decode_split[(h, n_split, b)](
+        q_nope, q_rope, latent, k_rope, ids, w_ukv, g, emb, w_ue, kw, kb, vw, vb, o_split, lse_split,
+        s, split, n_split, w.scale, w.eps,
+        q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
+        latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1), ids.stride(0),
+        g.stride(0), emb.stride(0),
+        H=h, DN=dn, DV=dv, DR=dr, DC=dc, GD=1 if from_table else emb.shape[1],
+        GATE_H=dn if w.shared else dn + dv, BLOCK_S=block_s,
+        FROM_TABLE=from_table, SHARED=w.shared, ACT_KIND=ACT[w.activation], NORM_KIND=NORM[w.norm],
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    _merge_splits[(b * h,)](
+        o_split, lse_split, out, n_split, DV=dv, BLOCK_SPLIT=max(2, triton.next_power_of_2(n_split))
+    )
+    return out
