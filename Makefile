@@ -10,7 +10,7 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # Tests and demos never touch the model hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: help setup test lint format kv data eval-data demo bench bench-fsdp reproduce-table-kv reproduce-table-tiny \
+.PHONY: help setup test lint format kv data eval-data demo bench bench-fsdp bench-decode reproduce-table-kv reproduce-table-tiny \
 	reproduce-table1 reproduce-latent-sweep reproduce-gate-dim reproduce-scaling clean
 
 help:  ## list the targets
@@ -58,6 +58,15 @@ bench: setup  ## training tok/s, MFU, memory per attention variant: the paper's 
 bench-fsdp: setup  ## the ~1.2B EG-MLA on one GPU, then sharded over GPUS (default 4) with FSDP2 (appends to THROUGHPUT_CSV)
 	$(BIN)/egmla-bench train --size 1.2b --variants egmla --seq 2048 --batch 8 --csv $(THROUGHPUT_CSV)
 	$(BIN)/egmla-bench train --size 1.2b --variants egmla --seq 2048 --batch 8 --gpus $(GPUS) --csv $(THROUGHPUT_CSV)
+
+DECODE_CSV ?= experiments/decode/results.csv
+DECODE_CONTEXTS ?= 1024 4096 16384 32768
+
+bench-decode: setup  ## decode step, cache bytes, largest batch in 40 GiB per variant, 120m and 1.2b, 1K-32K context (appends to DECODE_CSV)
+	for L in $(DECODE_CONTEXTS); do $(BIN)/egmla-bench decode --size 120m --context $$L --batch 32 --budget-gib 40 \
+		--max-batch-run 1024 --prefill-rows 16 --prefill-chunk 2048 --csv $(DECODE_CSV) || exit 1; done
+	for L in $(DECODE_CONTEXTS); do $(BIN)/egmla-bench decode --size 1.2b --context $$L --batch 4 --budget-gib 40 \
+		--max-batch-run 1024 --prefill-rows 4 --prefill-chunk 1024 --csv $(DECODE_CSV) || exit 1; done
 
 # --- Reproductions: each writes its table under experiments/<name>/ (see the README there) ---------------
 EVAL ?= offline
