@@ -22,9 +22,13 @@ from test_train import corpus, overrides  # noqa: F401  (the corpus fixture)
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "attention=egmla"]
 
 
-def egmla_train(args: list[str]) -> None:
+def egmla_train(args: list[str], torchrun: bool = False) -> None:
+    """egmla-train in a subprocess: Lightning starts the second rank itself, or torchrun starts both."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "egmla.train", *args], env=env, capture_output=True, text=True)
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run([*launcher, "-m", "egmla.train", *args], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -41,7 +45,8 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 def test_fsdp2_trains_saves_sharded_checkpoints_and_resumes_exactly(corpus, tmp_path):  # noqa: F811
     """Stopped at step 4 and resumed to 6, a 2-rank FSDP2 run ends where an uninterrupted one does: same losses,
-    same weights (read back from the sharded checkpoints by the evaluation loader, in one process)."""
+    same weights (read back from the sharded checkpoints by the evaluation loader, in one process). The
+    uninterrupted run is launched by torchrun, the others by Lightning: the same command serves both."""
     from torch.distributed.checkpoint import FileSystemReader
 
     from egmla.eval.load import load_run
@@ -62,7 +67,7 @@ def test_fsdp2_trains_saves_sharded_checkpoints_and_resumes_exactly(corpus, tmp_
             assert len(chunks) == 2 and chunks[0].sizes[0] + chunks[1].sizes[0] == metadata[key].size[0], key
 
     egmla_train(overrides(corpus, stopped, *common, "train.max_steps=6", "resume=last"))
-    egmla_train(overrides(corpus, straight, *common, "train.max_steps=6"))
+    egmla_train(overrides(corpus, straight, *common, "train.max_steps=6"), torchrun=True)
     resumed, reference = train_losses(stopped), train_losses(straight)
     assert sorted(resumed) == sorted(reference) == list(range(6))
     assert resumed == pytest.approx(reference, rel=1e-5, abs=1e-6)

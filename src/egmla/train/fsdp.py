@@ -19,6 +19,13 @@ import torch
 from ..model import ConfigError, Transformer
 
 AC_MODES = ("none", "selective", "full")
+# Attention kernels whose outputs selective checkpointing keeps (whichever backend SDPA picks).
+_SDPA_OPS = (
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+)
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
@@ -50,14 +57,6 @@ def _selective_context():
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
-
-
-_SDPA_OPS = (
-    "_scaled_dot_product_cudnn_attention",
-    "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_flash_attention_for_cpu",
-)
 
 
 def compile_blocks(model: Transformer) -> None:
