@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from egmla import build_model, compose
-from egmla.train.fsdp import apply_activation_checkpointing, is_sharded_checkpoint
+from egmla.train.fsdp import apply_activation_checkpointing, compile_model, is_sharded_checkpoint
 from test_train import corpus, overrides  # noqa: F401  (the corpus fixture)
 
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "attention=egmla"]
@@ -111,3 +111,21 @@ def test_activation_checkpointing_changes_neither_the_loss_nor_the_gradients(mod
     for name, p in checkpointed.named_parameters():
         ref = grads[name.replace("_checkpoint_wrapped_module.", "")]
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiling_in_place_keeps_names_and_function(scope, monkeypatch):
+    """Either compile scope leaves parameter names (checkpoint keys) and the logits as they were.
+    (Dynamo's eager backend: the graphs are captured as on a GPU, without the CPU's slow code generation.)"""
+    from functools import partial
+
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="eager"))
+    cfg = compose(["model=tiny", "attention=egmla", "model.vocab_size=97"])
+    plain = build_model(cfg)
+    compiled = build_model(cfg)
+    compiled.load_state_dict(plain.state_dict())
+    compile_model(compiled, scope)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    ids = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(compiled(ids), plain(ids))
+    assert (scope == "blocks") == all("forward" in vars(block) for block in compiled.blocks)

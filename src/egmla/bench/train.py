@@ -39,7 +39,7 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, warmup: int, compile: bool,
+def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, warmup: int, compile: str | None,
                   overrides: list[str], device: torch.device, profile: bool = False,
                   activation_checkpointing: str = "none", reshard_after_forward: bool = True) -> dict:  # fmt: skip
     cfg = compose([f"model={size}", f"attention={variant}", *overrides])
@@ -52,13 +52,13 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
         from torch.distributed.device_mesh import init_device_mesh
 
         if compile:
-            fsdp.compile_blocks(model)
+            fsdp.compile_model(model, "blocks")
         precision = "bf16-mixed" if device.type == "cuda" else "32-true"
         fsdp.apply_fsdp2(model, init_device_mesh(device.type, (world,)), precision, reshard_after_forward)
     else:
         model.to(device)
         if compile:
-            model.compile()
+            fsdp.compile_model(model, compile)
     loss_fn = torch.compile(_cross_entropy) if compile else _cross_entropy
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     vocab = model.cfg.vocab_size
@@ -156,6 +156,8 @@ def add_parser(sub) -> None:
     train.add_argument("--steps", type=int, default=20, help="timed steps")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     train.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    train.add_argument("--compile-scope", default="model", choices=fsdp.COMPILE_SCOPES,
+                       help="one GPU: one graph, or one per block (always per block with --gpus)")  # fmt: skip
     train.add_argument("--ac", default="none", choices=fsdp.AC_MODES, help="activation checkpointing")
     train.add_argument("--no-reshard", action="store_true", help="FSDP2: keep parameters gathered for the backward")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
@@ -184,11 +186,12 @@ def run(args) -> int:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     overrides = [f"model.max_seq_len={max(args.seq, 1)}", *args.set]
+    compile_scope = None if args.no_compile or device.type != "cuda" else args.compile_scope
     rows = []
     try:
         for variant in args.variants:
             rows.append(bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup,
-                                      not args.no_compile and device.type == "cuda", overrides, device,
+                                      compile_scope, overrides, device,
                                       args.profile, args.ac, not args.no_reshard))  # fmt: skip
             if rank_zero:
                 print(format_table(rows).splitlines()[-1], flush=True)

@@ -19,6 +19,7 @@ import torch
 from ..model import ConfigError, Transformer
 
 AC_MODES = ("none", "selective", "full")
+COMPILE_SCOPES = ("model", "blocks")
 # Attention kernels whose outputs selective checkpointing keeps (whichever backend SDPA picks).
 _SDPA_OPS = (
     "_scaled_dot_product_cudnn_attention",
@@ -59,8 +60,15 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def compile_blocks(model: Transformer) -> None:
-    """torch.compile each block's forward: one graph reused by every layer; FSDP's hooks stay eager."""
+def compile_model(model: Transformer, scope: str) -> None:
+    """torch.compile in place (parameter names unchanged). model: one graph for the whole forward, fastest
+    (measured +4% tok/s at 120m on an H200) but its compile time grows with depth; blocks: each block's
+    forward, one graph reused by every layer, compiled in seconds at any depth, and FSDP's hooks stay eager."""
+    if scope not in COMPILE_SCOPES:
+        raise ConfigError(f"train.compile_scope={scope!r} is invalid: expected one of {', '.join(COMPILE_SCOPES)}")
+    if scope == "model":
+        model.compile()
+        return
     for block in model.blocks:
         block.forward = torch.compile(block.forward)
 

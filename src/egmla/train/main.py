@@ -37,8 +37,12 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.strategy={cfg.trainer.strategy!r} is invalid: expected one of {', '.join(STRATEGIES)}"
         )
-    from .fsdp import AC_MODES
+    from .fsdp import AC_MODES, COMPILE_SCOPES
 
+    if t.get("compile_scope", "model") not in COMPILE_SCOPES:
+        raise ConfigError(
+            f"train.compile_scope={t.compile_scope!r} is invalid: expected one of {', '.join(COMPILE_SCOPES)}"
+        )
     ac = t.get("activation_checkpointing", "none")
     if ac not in AC_MODES:
         raise ConfigError(f"train.activation_checkpointing={ac!r} is invalid: expected one of {', '.join(AC_MODES)}")
@@ -163,7 +167,8 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
     token_bytes = torch.as_tensor(datamodule.tokenizer.token_bytes())
     strategy, precision, sharding = _strategy(cfg)
     ac = t.get("activation_checkpointing", "none")
-    module = LanguageModel(mcfg, OmegaConf.to_container(cfg.optim), t.max_steps, token_bytes, compile=t.compile,
+    compile = t.get("compile_scope", "model") if t.compile else None
+    module = LanguageModel(mcfg, OmegaConf.to_container(cfg.optim), t.max_steps, token_bytes, compile=compile,
                            activation_checkpointing=ac, sharding=sharding)  # fmt: skip
     throughput = Throughput(accounting.flops_per_token(mcfg, d.seq_len), d.batch_size * d.seq_len, t.log_every)
     checkpoints = ModelCheckpoint(
