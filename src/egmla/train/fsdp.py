@@ -99,14 +99,33 @@ def apply_fsdp2(model: Transformer, mesh, precision: str = "bf16-mixed", reshard
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """Clip by the global gradient norm; with sharded (DTensor) gradients the norm is reduced over ranks."""
-    from torch.distributed.tensor import DTensor
+    """Clip by the global gradient norm and return it (before clipping).
+
+    Gradients sharded by FSDP2 (DTensors split by rows over one mesh dimension) are handled through their local
+    shards: fused norms of this rank's pieces, one all-reduce of the sum of squares, fused multiplies; the same
+    result as torch's DTensor path without dispatching each of hundreds of DTensors through DTensor twice."""
+    from torch.distributed.tensor import DTensor, Shard
 
     parameters = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+    grads = [p.grad for p in parameters]
+    sharded = bool(grads) and all(
+        isinstance(g, DTensor) and g.device_mesh.ndim == 1 and isinstance(g.placements[0], Shard) for g in grads
+    )
+    if not sharded:
+        total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+        return total
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g.to_local())
+    squares = sum(torch.stack(torch._foreach_norm(group)).float().square().sum() for group in by_dtype.values())
+    torch.distributed.all_reduce(squares, group=grads[0].device_mesh.get_group())  # the shards are disjoint
+    total = squares.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for dtype, group in by_dtype.items():
+        torch._foreach_mul_(group, coef.to(dtype))
     return total
 
 
