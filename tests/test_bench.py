@@ -32,7 +32,8 @@ def test_bench_train_sharded_path_runs_on_two_cpu_processes(tmp_path):
 
     out = tmp_path / "bench.csv"
     argv = ["train", "--size", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--gpus", "2",
-            "--variants", "egmla", "--ac", "selective", "--set", "model.vocab_size=257", "--csv", str(out)]  # fmt: skip
+            "--variants", "egmla", "--ac", "selective", "--prefetch", "2", "--set", "model.vocab_size=257",
+            "--csv", str(out)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "egmla.bench", *argv], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

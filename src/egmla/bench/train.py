@@ -41,7 +41,8 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, warmup: int, compile: str | None,
                   overrides: list[str], device: torch.device, profile: bool = False,
-                  activation_checkpointing: str = "none", reshard_after_forward: bool = True) -> dict:  # fmt: skip
+                  activation_checkpointing: str = "none", reshard_after_forward: bool = True,
+                  prefetch: int = 0) -> dict:  # fmt: skip
     cfg = compose([f"model={size}", f"attention={variant}", *overrides])
     sharded = dist.is_initialized()
     world = dist.get_world_size() if sharded else 1
@@ -54,7 +55,7 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
         if compile:
             fsdp.compile_model(model, "blocks")
         precision = "bf16-mixed" if device.type == "cuda" else "32-true"
-        fsdp.apply_fsdp2(model, init_device_mesh(device.type, (world,)), precision, reshard_after_forward)
+        fsdp.apply_fsdp2(model, init_device_mesh(device.type, (world,)), precision, reshard_after_forward, prefetch)
     else:
         model.to(device)
         if compile:
@@ -160,6 +161,7 @@ def add_parser(sub) -> None:
                        help="one GPU: one graph, or one per block (always per block with --gpus)")  # fmt: skip
     train.add_argument("--ac", default="none", choices=fsdp.AC_MODES, help="activation checkpointing")
     train.add_argument("--no-reshard", action="store_true", help="FSDP2: keep parameters gathered for the backward")
+    train.add_argument("--prefetch", type=int, default=0, help="FSDP2: blocks gathered ahead explicitly (0: implicit)")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
     train.add_argument("--csv", type=Path, default=None, help="append rows to this CSV file")
     train.add_argument("--profile", action="store_true", help="print the top operators of each variant")
@@ -192,7 +194,7 @@ def run(args) -> int:
         for variant in args.variants:
             rows.append(bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup,
                                       compile_scope, overrides, device,
-                                      args.profile, args.ac, not args.no_reshard))  # fmt: skip
+                                      args.profile, args.ac, not args.no_reshard, args.prefetch))  # fmt: skip
             if rank_zero:
                 print(format_table(rows).splitlines()[-1], flush=True)
             if device.type == "cuda":

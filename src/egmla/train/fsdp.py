@@ -82,12 +82,15 @@ def mixed_precision(precision: str):
     return MixedPrecisionPolicy()  # parameters' own dtype (fp32 for 32-true, bf16 for bf16-true)
 
 
-def apply_fsdp2(model: Transformer, mesh, precision: str = "bf16-mixed", reshard_after_forward: bool = True) -> None:
+def apply_fsdp2(model: Transformer, mesh, precision: str = "bf16-mixed", reshard_after_forward: bool = True,
+                prefetch: int = 0) -> None:  # fmt: skip
     """Shard every block, then the root: token embedding, EG-MLA's gate tables, final norm and tied head.
 
     The gate tables are sharded by rows like the token embedding, in the root unit: gathered once per step
     rather than one unit per layer, which keeps FSDP's hooks out of the compiled blocks (a hook inside a block
     breaks its graph) and halves the number of collectives of a 48-layer EG-MLA.
+    prefetch > 0: each block also starts gathering the next `prefetch` blocks (backward: the previous ones)
+    instead of leaving it to FSDP2's implicit one-ahead prefetch, which needs the CPU to run ahead.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -96,6 +99,10 @@ def apply_fsdp2(model: Transformer, mesh, precision: str = "bf16-mixed", reshard
         # The last block's parameters are needed again at once by the backward pass: keep them gathered.
         shard(block, reshard_after_forward=reshard_after_forward and i < len(model.blocks) - 1)
     shard(model, reshard_after_forward=False)
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks if prefetch > 0 else []):
+        block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + prefetch])
+        block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch) : i][::-1])
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
