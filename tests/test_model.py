@@ -72,10 +72,10 @@ def test_padded_output_head_computes_the_unpadded_logits():
 
     vocab = 6417  # pads to 6464 (47 rows, under 1%), like GPT-2's 50,257 -> 50,304
     model = build_model(compose(["model=tiny", f"model.vocab_size={vocab}"]))
-    h = torch.randn(2, 5, model.cfg.d_model, requires_grad=True)
+    h = torch.randn(2, 512, model.cfg.d_model, requires_grad=True)  # enough rows for the padded matmul
     padded = model.output_head(h)
     plain = h @ model.lm_head.weight.T
-    assert padded.shape == (2, 5, vocab)
+    assert padded.shape == (2, 512, vocab)
     torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
     (grad_padded,) = torch.autograd.grad(padded.square().sum(), model.lm_head.weight)
     (grad_plain,) = torch.autograd.grad(plain.square().sum(), model.lm_head.weight)

@@ -15,30 +15,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import model_config
 from .model import ModelConfig
+from .model.config import check_choice
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 ID_BYTES = 4  # int32 token id
 
 
-def _cfg(cfg: Any) -> ModelConfig:
-    if isinstance(cfg, ModelConfig):
-        return cfg
-    from .config import model_config  # composed Hydra config
-
-    return model_config(cfg)
-
-
 def _bytes_per_element(dtype: str | int) -> int:
     if isinstance(dtype, int):
         return dtype
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPE_BYTES)}")
+    check_choice("dtype", dtype, tuple(DTYPE_BYTES))
     return DTYPE_BYTES[dtype]
 
 
 def kv_elements_per_layer(cfg: Any) -> int:
-    cfg = _cfg(cfg)
+    cfg = model_config(cfg)
     a = cfg.attention
     if cfg.is_latent:
         return a.kv_lora_rank + a.qk_rope_head_dim
@@ -46,7 +39,7 @@ def kv_elements_per_layer(cfg: Any) -> int:
 
 
 def kv_elements_per_token(cfg: Any) -> int:
-    cfg = _cfg(cfg)
+    cfg = model_config(cfg)
     return cfg.n_layers * kv_elements_per_layer(cfg)
 
 
@@ -57,8 +50,8 @@ def kv_bytes_per_token(cfg: Any, dtype: str | int = "bf16") -> int:
 
 def id_bytes_per_token(cfg: Any) -> int:
     """Bytes per token of kept token ids: EG-MLA gating the content only."""
-    cfg = _cfg(cfg)
-    return ID_BYTES if cfg.has_gate and cfg.attention.gate_on == "content" else 0
+    cfg = model_config(cfg)
+    return ID_BYTES if cfg.keeps_ids else 0
 
 
 def _norm_params(kind: str, dim: int) -> int:
@@ -91,7 +84,7 @@ def _attention_params(cfg: ModelConfig) -> tuple[int, int]:
 
 def matmul_params(cfg: Any) -> int:
     """Weights that take part in a matmul per token: every Linear, the output head included."""
-    cfg = _cfg(cfg)
+    cfg = model_config(cfg)
     attn, _ = _attention_params(cfg)
     per_layer = attn + 3 * cfg.d_model * cfg.ffn_hidden
     return cfg.n_layers * per_layer + cfg.vocab_size * cfg.d_model
@@ -100,7 +93,7 @@ def matmul_params(cfg: Any) -> int:
 def param_counts(cfg: Any) -> dict[str, int]:
     """Parameters split as non_embedding (blocks + final norm), embedding (token table, plus the output
     head when untied) and gate_tables (EG-MLA's token tables); total is their sum."""
-    cfg = _cfg(cfg)
+    cfg = model_config(cfg)
     attn_matmul, attn_other = _attention_params(cfg)
     per_layer = attn_matmul + attn_other + 3 * cfg.d_model * cfg.ffn_hidden + 2 * cfg.d_model
     non_embedding = cfg.n_layers * per_layer + cfg.d_model
@@ -116,7 +109,7 @@ def param_counts(cfg: Any) -> dict[str, int]:
 
 def attention_dims(cfg: Any) -> tuple[int, int]:
     """(d_qk, d_v) per head."""
-    cfg = _cfg(cfg)
+    cfg = model_config(cfg)
     a = cfg.attention
     if cfg.is_latent:
         return a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
@@ -125,7 +118,7 @@ def attention_dims(cfg: Any) -> tuple[int, int]:
 
 def flops_per_token(cfg: Any, seq_len: int | None = None) -> int:
     """Training FLOPs per token (forward + backward) at sequence length `seq_len` (default max_seq_len)."""
-    cfg = _cfg(cfg)
+    cfg = model_config(cfg)
     seq = seq_len or cfg.max_seq_len
     d_qk, d_v = attention_dims(cfg)
     return 6 * matmul_params(cfg) + 6 * cfg.n_layers * cfg.n_heads * (d_qk + d_v) * seq
@@ -133,7 +126,7 @@ def flops_per_token(cfg: Any, seq_len: int | None = None) -> int:
 
 def summary(cfg: Any, dtype: str = "bf16", seq_len: int | None = None) -> dict[str, Any]:
     """Everything a run reports about its model's costs (the `params` and `kv` blocks of results.json)."""
-    cfg = _cfg(cfg)
+    cfg = model_config(cfg)
     return {
         "params": param_counts(cfg),
         "kv": {

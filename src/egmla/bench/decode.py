@@ -161,11 +161,13 @@ def recording_fused_calls(calls: list):
 @torch.no_grad()
 def unfused_fp32(attn, q_nope, q_rope, latent, k_rope, ids, gate_table) -> torch.Tensor:
     """The model's own unfused decode of one layer (expand, gate, normalise, SDPA) on the same inputs, in fp32."""
-    rows, attn.fused_gate_rows = attn.fused_gate_rows, None  # not copied: the reference recomputes its gate
+    # The gate table (and the kernel's views of it) are not copied: the reference recomputes its gate.
+    rows, weights = attn.fused_gate_rows, attn.fused_weights
+    attn.fused_gate_rows, attn.fused_weights = None, None
     try:
         ref = copy.deepcopy(attn).float()
     finally:
-        attn.fused_gate_rows = rows
+        attn.fused_gate_rows, attn.fused_weights = rows, weights
     gate = ref.gate(torch.nn.functional.embedding(ids, gate_table.weight.float()))[0]
     y = ref._attend_expanded(
         q_nope[:, :, None].float(), q_rope[:, :, None].float(), latent.float(), k_rope.float(), gate

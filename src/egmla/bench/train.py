@@ -23,20 +23,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .. import accounting
 from ..config import build_model, compose
 from ..model import ConfigError
 from ..train import fsdp
+from ..train.module import cross_entropy
 from ..train.perf import peak_flops
 from ..train.rundir import git_commit
 
 CSV_COLUMNS = ["variant", "size", "seq", "batch", "gpus", "card", "tok_per_s", "mfu", "peak_mem_gib", "date", "commit"]
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, warmup: int, compile: str | None,
@@ -60,7 +56,7 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
         model.to(device)
         if compile:
             fsdp.compile_model(model, compile)
-    loss_fn = torch.compile(_cross_entropy) if compile else _cross_entropy
+    loss_fn = torch.compile(cross_entropy) if compile else cross_entropy
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     vocab = model.cfg.vocab_size
     # Under FSDP2 the mixed-precision policy casts the parameters; autocast is for the unsharded model only.

@@ -20,6 +20,7 @@ import os
 import torch
 from torch import nn
 
+from ..model.config import check_choice
 from . import reference
 from .reference import DecodeWeights
 
@@ -36,28 +37,16 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is invalid: expected one of {', '.join(BACKENDS)}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "reference"
     return backend
 
 
-def _norm_kind(module: nn.Module) -> str:
-    if isinstance(module, nn.LayerNorm):
-        return "layernorm"
-    return "none" if isinstance(module, nn.Identity) else "rmsnorm"
-
-
-def _activation_kind(module: nn.Module) -> str:
-    return {nn.Identity: "none", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}[type(module)]
-
-
 def check_supported(attn, gate_source: str, backend: str) -> None:
     """Raise a one-line ValueError when the fused decode cannot serve this attention layer."""
     fallback = "decode with the unfused path (do not enable the fused decode)"
-    if gate_source not in GATE_SOURCES:
-        raise ValueError(f"gate_source={gate_source!r} is invalid: expected one of {', '.join(GATE_SOURCES)}")
+    check_choice("gate_source", gate_source, GATE_SOURCES)
     if getattr(attn, "gate_on", None) != "content":
         raise ValueError(f"the fused decode serves EG-MLA gating the K/V content only; {fallback}")
     if backend == "triton":
@@ -76,16 +65,12 @@ def check_supported(attn, gate_source: str, backend: str) -> None:
             raise ValueError(f"the Triton backend runs on CUDA (or on CPU under TRITON_INTERPRET=1); {fallback}")
 
 
-def gate_width(attn) -> int:
-    return attn.n_heads * (attn.d_nope if attn.gate_kv == "shared" else attn.d_nope + attn.d_v)
-
-
 @torch.no_grad()
 def build_gate_rows(attn, gate_table: nn.Embedding, chunk: int = 8192) -> torch.Tensor:
     """G = act(W_ue E) for every vocabulary row [V, gate width], in the weights' dtype (RoPE-key gate left out:
     it is applied before caching)."""
     table = gate_table.weight
-    rows = torch.empty(table.shape[0], gate_width(attn), dtype=table.dtype, device=table.device)
+    rows = torch.empty(table.shape[0], attn.gate.width, dtype=table.dtype, device=table.device)
     for i in range(0, table.shape[0], chunk):
         rows[i : i + chunk] = attn.gate(table[i : i + chunk])[0]
     return rows
@@ -93,8 +78,7 @@ def build_gate_rows(attn, gate_table: nn.Embedding, chunk: int = 8192) -> torch.
 
 def decode_weights(attn, gate_table: nn.Embedding) -> DecodeWeights:
     """One layer's weights as the fused decode reads them (views, no copies)."""
-    table = attn.fused_decode[0] == "table"
-    norm = _norm_kind(attn.k_norm)
+    table, norm = attn.fused_decode[0] == "table", attn.gate_norm
     return DecodeWeights(
         w_ukv=attn.wkv_b.weight.view(attn.n_heads, attn.d_nope + attn.d_v, attn.d_c),
         d_nope=attn.d_nope,
@@ -103,7 +87,7 @@ def decode_weights(attn, gate_table: nn.Embedding) -> DecodeWeights:
         gate_rows=attn.fused_gate_rows if table else None,
         embedding=None if table else gate_table.weight,
         w_ue=None if table else attn.gate.up.weight,
-        activation=_activation_kind(attn.gate.activation),
+        activation=attn.gate.activation_kind,
         norm=norm,
         k_weight=None if norm == "none" else attn.k_norm.weight,
         k_bias=getattr(attn.k_norm, "bias", None),
@@ -114,8 +98,11 @@ def decode_weights(attn, gate_table: nn.Embedding) -> DecodeWeights:
 
 
 def fused_decode(attn, q_nope, q_rope, latent, k_rope, ids, gate_table) -> torch.Tensor:
-    """The attention output [B, H, d_v] of one new token per sequence (called by LatentAttention)."""
-    w = decode_weights(attn, gate_table)
+    """The attention output [B, H, d_v] of one new token per sequence (called by LatentAttention).
+
+    gate_table is not read here (attn.fused_weights holds its weight); it is passed so that callers that
+    record these calls, such as egmla-bench decode's check, can rerun the layer unfused."""
+    w = attn.fused_weights
     if attn.fused_decode[1] == "triton":
         from . import egmla_decode  # imports triton
 

@@ -19,9 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("none", "sigmoid", "silu")
-NORMS = ("layernorm", "rmsnorm", "none")
-
 
 @dataclass
 class DecodeWeights:
@@ -56,10 +53,6 @@ class DecodeWeights:
     def d_v(self) -> int:
         return self.w_ukv.shape[1] - self.d_nope
 
-    @property
-    def gate_source(self) -> str:
-        return "table" if self.gate_rows is not None else "embedding"
-
 
 def split_layout(s: int, block_s: int, split_tokens: int | None) -> tuple[int, int]:
     """(tokens per split, number of splits): splits are whole tiles and none is empty; None: one split."""
@@ -73,16 +66,14 @@ def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def gate_tile(ids: torch.Tensor, w: DecodeWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Gates (g_k, g_v) [..., H, d] of the tokens `ids` [...], from the table or recomputed from E."""
+    per_head = w.d_nope if w.shared else w.d_nope + w.d_v
+    width = w.n_heads * per_head
     if w.gate_rows is not None:
         g = w.gate_rows[ids].to(dtype)
     else:
-        width = w.n_heads * (w.d_nope if w.shared else w.d_nope + w.d_v)
         g = activate(w.embedding[ids].to(dtype) @ w.w_ue[:width].to(dtype).T, w.activation)
-    if w.shared:
-        g = g[..., : w.n_heads * w.d_nope].unflatten(-1, (w.n_heads, w.d_nope))
-        return g, g
-    g = g[..., : w.n_heads * (w.d_nope + w.d_v)].unflatten(-1, (w.n_heads, w.d_nope + w.d_v))
-    return g[..., : w.d_nope], g[..., w.d_nope :]
+    g = g[..., :width].unflatten(-1, (w.n_heads, per_head))
+    return (g, g) if w.shared else (g[..., : w.d_nope], g[..., w.d_nope :])
 
 
 @torch.no_grad()

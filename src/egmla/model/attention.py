@@ -78,8 +78,10 @@ class EmbeddingGate(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         a = cfg.attention
+        self.width = cfg.gate_width  # the content's (or latent's) gate; the RoPE key's comes after it
         self.rope_width = a.qk_rope_head_dim if a.gate_rope_key else 0
-        self.up = nn.Linear(a.gate_dim, cfg.gate_width + self.rope_width, bias=False)
+        self.up = nn.Linear(a.gate_dim, self.width + self.rope_width, bias=False)
+        self.activation_kind = a.gate_activation
         self.activation = {"none": nn.Identity(), "sigmoid": nn.Sigmoid(), "silu": nn.SiLU()}[a.gate_activation]
 
     def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,13 +128,16 @@ class LatentAttention(nn.Module):
         self.gate = EmbeddingGate(cfg) if cfg.has_gate else None
         self.gate_on = a.gate_on if cfg.has_gate else None
         self.gate_kv = a.gate_kv
+        self.gate_norm = a.gate_norm
         if self.gate_on == "latent":
             self.latent_norm = _norm(a.gate_norm, self.d_c, cfg.norm_eps)
         elif self.gate_on == "content":
             self.k_norm = _norm(a.gate_norm, self.d_nope, cfg.norm_eps)
             self.v_norm = _norm(a.gate_norm, self.d_v, cfg.norm_eps)
-        # Decode only (see enable_fused_decode): (gate source, backend) and the per-vocabulary gate table.
+        # Decode only (see enable_fused_decode): (gate source, backend), the per-vocabulary gate table and the
+        # weights as the kernel reads them (egmla.kernels.DecodeWeights, built once).
         self.fused_decode: tuple[str, str] | None = None
+        self.fused_weights = None
         self.register_buffer("fused_gate_rows", None, persistent=False)
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
@@ -204,11 +209,12 @@ class LatentAttention(nn.Module):
         from .. import kernels
 
         if gate_source is None:
-            self.fused_decode, self.fused_gate_rows = None, None
+            self.fused_decode, self.fused_gate_rows, self.fused_weights = None, None, None
             return
         kernels.check_supported(self, gate_source, backend)
         self.fused_gate_rows = kernels.build_gate_rows(self, gate_table) if gate_source == "table" else None
         self.fused_decode = (gate_source, backend)
+        self.fused_weights = kernels.decode_weights(self, gate_table)
 
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope):
         """DeepSeek's decode: fold W_uk into the query and W_uv into the output; attend over the latent."""

@@ -24,12 +24,12 @@ def _fail(key: str, value: Any, valid: str) -> None:
     raise ConfigError(f"{key}={value!r} is invalid: {valid}")
 
 
-def _positive_int(key: str, value: Any) -> None:
+def check_positive_int(key: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         _fail(key, value, "expected a positive integer")
 
 
-def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+def check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         _fail(key, value, f"expected one of {', '.join(valid)}")
 
@@ -121,13 +121,18 @@ class ModelConfig:
         return self.n_heads * (a.qk_nope_head_dim + a.v_head_dim)
 
     @property
+    def keeps_ids(self) -> bool:
+        """EG-MLA gating the content recomputes its gate from the context's token ids at every decode step."""
+        return self.has_gate and self.attention.gate_on == "content"
+
+    @property
     def n_gate_tables(self) -> int:
         return -(-self.n_layers // self.attention.gate_group_size) if self.has_gate else 0
 
     # --- validation ---------------------------------------------------------------------------------
     def validate(self) -> None:
         for key in ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "max_seq_len"):
-            _positive_int(f"model.{key}", getattr(self, key))
+            check_positive_int(f"model.{key}", getattr(self, key))
         if self.d_model % self.n_heads:
             _fail("model.n_heads", self.n_heads, f"must divide model.d_model={self.d_model}")
         if self.rope_theta <= 0:
@@ -137,7 +142,7 @@ class ModelConfig:
         if self.init_std <= 0:
             _fail("model.init_std", self.init_std, "expected a positive number such as 0.02")
         a = self.attention
-        _choice("attention.variant", a.variant, VARIANTS)
+        check_choice("attention.variant", a.variant, VARIANTS)
         if a.variant in ("mha", "gqa", "mqa"):
             self._validate_mha_family()
         else:
@@ -146,7 +151,7 @@ class ModelConfig:
     def _validate_mha_family(self) -> None:
         a = self.attention
         if a.head_dim is not None:
-            _positive_int("attention.head_dim", a.head_dim)
+            check_positive_int("attention.head_dim", a.head_dim)
         if self.head_dim % 2:
             _fail("attention.head_dim", self.head_dim, "RoPE needs an even head dimension")
         if a.absorb:
@@ -154,29 +159,29 @@ class ModelConfig:
         if a.variant == "gqa":
             if a.n_kv_heads is None:
                 _fail("attention.n_kv_heads", None, f"gqa needs a positive divisor of model.n_heads={self.n_heads}")
-            _positive_int("attention.n_kv_heads", a.n_kv_heads)
+            check_positive_int("attention.n_kv_heads", a.n_kv_heads)
             if self.n_heads % a.n_kv_heads:
                 _fail("attention.n_kv_heads", a.n_kv_heads, f"must divide model.n_heads={self.n_heads}")
 
     def _validate_latent(self) -> None:
         a = self.attention
-        _positive_int("attention.kv_lora_rank", a.kv_lora_rank)
+        check_positive_int("attention.kv_lora_rank", a.kv_lora_rank)
         if a.kv_lora_rank > self.d_model:
             _fail("attention.kv_lora_rank", a.kv_lora_rank, f"must be in [1, model.d_model={self.d_model}]")
         if a.q_lora_rank is not None:
-            _positive_int("attention.q_lora_rank", a.q_lora_rank)
+            check_positive_int("attention.q_lora_rank", a.q_lora_rank)
         for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            _positive_int(f"attention.{key}", getattr(a, key))
+            check_positive_int(f"attention.{key}", getattr(a, key))
         if a.qk_rope_head_dim % 2:
             _fail("attention.qk_rope_head_dim", a.qk_rope_head_dim, "RoPE needs an even dimension")
         if a.variant == "mla" or not a.gate_enabled:
             return  # plain MLA: nothing gate-related to check, and absorption is allowed
-        _positive_int("attention.gate_dim", a.gate_dim)
-        _choice("attention.gate_on", a.gate_on, GATE_ON)
-        _choice("attention.gate_activation", a.gate_activation, GATE_ACTIVATIONS)
-        _choice("attention.gate_norm", a.gate_norm, GATE_NORMS)
-        _choice("attention.gate_kv", a.gate_kv, GATE_KV)
-        _positive_int("attention.gate_group_size", a.gate_group_size)
+        check_positive_int("attention.gate_dim", a.gate_dim)
+        check_choice("attention.gate_on", a.gate_on, GATE_ON)
+        check_choice("attention.gate_activation", a.gate_activation, GATE_ACTIVATIONS)
+        check_choice("attention.gate_norm", a.gate_norm, GATE_NORMS)
+        check_choice("attention.gate_kv", a.gate_kv, GATE_KV)
+        check_positive_int("attention.gate_group_size", a.gate_group_size)
         if a.gate_group_size > self.n_layers:
             _fail("attention.gate_group_size", a.gate_group_size, f"must be in [1, model.n_layers={self.n_layers}]")
         if a.gate_kv == "shared" and a.gate_on == "content" and a.qk_nope_head_dim != a.v_head_dim:

@@ -88,9 +88,11 @@ class Transformer(nn.Module):
 
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [..., vocab_size]. A large vocabulary is padded with zero rows to a multiple of 64 for the
-        matmul and sliced off after: GPT-2's 50,257-wide logit rows are misaligned for tensor-core GEMMs."""
+        matmul and sliced off after: GPT-2's 50,257-wide logit rows are misaligned for tensor-core GEMMs.
+        Not for a few rows (decode steps): there copying the padded weight would cost more than it saves."""
         pad = -self.cfg.vocab_size % 64
-        if pad == 0 or pad * 100 > self.cfg.vocab_size:  # aligned already, or padding would cost > 1% more work
+        few_rows = h.numel() < 1024 * h.shape[-1]
+        if pad == 0 or pad * 100 > self.cfg.vocab_size or few_rows:  # or padding would cost > 1% more work
             return self.lm_head(h)
         weight = F.pad(self.lm_head.weight, (0, 0, 0, pad))
         return F.linear(h, weight)[..., : self.cfg.vocab_size]
@@ -100,8 +102,7 @@ class Transformer(nn.Module):
         weight = self.embed.weight
         dtype, device = dtype or weight.dtype, device or weight.device
         layers = [LayerCache(b.attn.cache_spec(), batch, capacity, dtype, device) for b in self.blocks]
-        keep_ids = self.cfg.has_gate and self.cfg.attention.gate_on == "content"
-        return DecodeCache(layers, batch, capacity, keep_ids, device)
+        return DecodeCache(layers, batch, capacity, self.cfg.keeps_ids, device)
 
     @torch.no_grad()
     def generate(

@@ -17,35 +17,25 @@ from omegaconf import DictConfig, OmegaConf
 from .. import accounting
 from ..config import compose, model_config
 from ..model import ConfigError
+from ..model.config import check_choice, check_positive_int
 from .rundir import environment, is_rank_zero, write_json
 
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp2")
 
 
 def _check_settings(cfg: DictConfig) -> None:
+    from .fsdp import AC_MODES, COMPILE_SCOPES
     from .schedule import SCHEDULES
 
     o, t = cfg.optim, cfg.train
-    if o.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule={o.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
+    check_choice("optim.schedule", o.schedule, SCHEDULES)
     if not o.lr > 0:
         raise ConfigError(f"optim.lr={o.lr} is invalid: expected a positive learning rate")
     for key in ("max_steps", "val_every", "log_every", "ckpt_every", "val_batches"):
-        if not isinstance(t[key], int) or t[key] <= 0:
-            raise ConfigError(f"train.{key}={t[key]!r} is invalid: expected a positive integer")
-    if cfg.trainer.strategy not in STRATEGIES:
-        raise ConfigError(
-            f"trainer.strategy={cfg.trainer.strategy!r} is invalid: expected one of {', '.join(STRATEGIES)}"
-        )
-    from .fsdp import AC_MODES, COMPILE_SCOPES
-
-    if t.get("compile_scope", "model") not in COMPILE_SCOPES:
-        raise ConfigError(
-            f"train.compile_scope={t.compile_scope!r} is invalid: expected one of {', '.join(COMPILE_SCOPES)}"
-        )
-    ac = t.get("activation_checkpointing", "none")
-    if ac not in AC_MODES:
-        raise ConfigError(f"train.activation_checkpointing={ac!r} is invalid: expected one of {', '.join(AC_MODES)}")
+        check_positive_int(f"train.{key}", t[key])
+    check_choice("trainer.strategy", cfg.trainer.strategy, STRATEGIES)
+    check_choice("train.compile_scope", t.get("compile_scope", "model"), COMPILE_SCOPES)
+    check_choice("train.activation_checkpointing", t.get("activation_checkpointing", "none"), AC_MODES)
     if cfg.trainer.strategy == "fsdp2" and cfg.get("eval", {}).get("tasks"):
         raise ConfigError(
             "eval with trainer=fsdp is not supported (a sharded model needs every rank): train with eval=none, "
