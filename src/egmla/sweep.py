@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shlex
 import subprocess
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .train.rundir import write_json
 
 METHODS = ("grid", "random", "bayes")
 STATE_FILE = "sweep_state.json"
@@ -269,9 +270,7 @@ def save_state(out: Path, spec: Spec, extra: list[str], trials: list[Trial]) -> 
         "trials": [asdict(t) for t in trials],
     }
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, out / STATE_FILE)
+    write_json(out / STATE_FILE, state)
 
 
 # ------------------------------------------------------------------------------------------------ running trials
@@ -454,7 +453,7 @@ def _process(runner: Runner, trial: Trial, trials: list[Trial], counter: str, re
             print(f"{' ' * len(counter)}   then: {shlex.join(evaluation)}", flush=True)
         trial.status = "pending"
         return
-    trial.run_dir = trial.run_dir or str(runner.out / trial.id)
+    trial.run_dir = str(runner.run_dir(trial))
     trial.status = "running"
     save_state(runner.out, spec, runner.extra, trials)  # a crash from here on reruns this trial
     print(head, end="\n" if runner.verbose else " ", flush=True)

@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..train.rundir import write_json
+
 FORMAT_VERSION = 1
 DOC_CHARS = 4000
 MIN_VAL_DOCS = 3
@@ -152,11 +154,8 @@ def split_train_val(docs: list[dict], val_fraction: float, seed: int) -> tuple[l
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_jsonl(path: Path, docs: list[dict]) -> None:
@@ -213,9 +212,7 @@ def write_corpus(
             "gpt2_tokens": _gpt2_tokens(split_docs) if count_tokens else None,
             "sha256": _sha256(path),
         }
-    tmp = out_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "manifest.json")
+    write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..model import ConfigError
-from .run import EvalSettings, check_tasks, evaluate_model, task_manager
+from .run import EvalSettings, _check_int, check_tasks, evaluate_model, task_manager
 
 
 @contextlib.contextmanager
@@ -60,17 +60,15 @@ def flatten(results: dict[str, Any]) -> dict[str, float]:
 class PeriodicEval(L.Callback):
     """Evaluate `pl_module.model` every `every_steps` optimizer steps (default: eval_cfg's every_steps)."""
 
-    def __init__(self, eval_cfg: dict[str, Any], every_steps: int | None = None, tokenizer=None):
+    def __init__(self, eval_cfg: dict[str, Any], every_steps: int | None = None):
         """Checks the settings and the task names now (one line, before training starts); reads no task data."""
         settings = EvalSettings.from_dict(eval_cfg)
         settings.require_tasks()
         self.every_steps = every_steps if every_steps is not None else settings.every_steps
-        if not isinstance(self.every_steps, int) or isinstance(self.every_steps, bool) or self.every_steps < 1:
-            raise ConfigError(f"eval.every_steps={self.every_steps!r} is invalid: expected an integer >= 1")
+        _check_int("every_steps", self.every_steps, minimum=1)
         self.eval_cfg = dataclasses.asdict(settings) | {"device": "auto"}  # never move the training model
         self.manager = task_manager(settings)  # indexed once, reused at every evaluation
         check_tasks(self.manager, settings)
-        self.tokenizer = tokenizer  # None: the DataModule's
         self.history: list[dict[str, Any]] = []
         self._last_step = 0
 
@@ -92,7 +90,7 @@ class PeriodicEval(L.Callback):
             self.evaluate(trainer, pl_module, step)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> dict[str, Any]:
-        tokenizer = self.tokenizer if self.tokenizer is not None else trainer.datamodule.tokenizer
+        tokenizer = trainer.datamodule.tokenizer
         model = pl_module.model
         was_training = model.training
         try:

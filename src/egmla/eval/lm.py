@@ -84,8 +84,7 @@ class EgmlaLM(TemplateLM):
         """Load a run directory (or a .ckpt file) with `load_run`; kwargs as in the constructor."""
         from .load import load_run
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer, _ = load_run(checkpoint, device=device)
+        model, tokenizer, _ = load_run(checkpoint, device=device or "auto")
         return cls(model, tokenizer, **kwargs)
 
     @classmethod
@@ -178,8 +177,6 @@ class EgmlaLM(TemplateLM):
             for start in range(0, len(continuation), self.max_length):
                 pieces.append((None, context + continuation[:start], continuation[start : start + self.max_length]))
                 owners.append(index)
-        if len(pieces) == len(requests):
-            return self._score_requests(requests, disable_tqdm)
         totals = [[0.0, True] for _ in requests]
         for index, (logprob, greedy) in zip(owners, self._score_requests(pieces, disable_tqdm), strict=True):
             totals[index][0] += logprob

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import model_config
 from ..data.tokenizer import Tokenizer, build_tokenizer
 from ..model import ConfigError, ModelConfig, Transformer
+from ..model.config import error_summary
 
 STATE_PREFIX = "model."  # the LightningModule keeps the Transformer as `self.model`
 RUN_DIR_HINT = "pass the run_dir of an egmla-train run (it holds config.yaml and checkpoints/last.ckpt)"
@@ -29,7 +30,8 @@ RUN_DIR_HINT = "pass the run_dir of an egmla-train run (it holds config.yaml and
 def load_run(
     run_dir: str | Path, device: str | torch.device = "cpu", checkpoint: str | Path | None = None
 ) -> tuple[Transformer, Tokenizer, DictConfig]:
-    """The trained model (eval mode, on `device`), its tokenizer and the run's resolved config.
+    """The trained model (eval mode, on `device`; "auto": the GPU if there is one), its tokenizer and the run's
+    resolved config.
 
     run_dir: a run directory, or a .ckpt file directly (config.yaml is then read from its run directory).
     checkpoint: which checkpoint of the run: None for checkpoints/last.ckpt, a file name inside checkpoints/
@@ -84,7 +86,7 @@ def read_config(run_dir: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as exc:  # YAML and OmegaConf errors alike
-        raise ConfigError(f"{path} is unreadable ({_first_line(exc)}): restore the run's config.yaml") from None
+        raise ConfigError(f"{path} is unreadable ({error_summary(exc)}): restore the run's config.yaml") from None
     if not isinstance(cfg, DictConfig) or "model" not in cfg or "attention" not in cfg:
         raise ConfigError(f"{path} is not an egmla run config (no model/attention groups): {RUN_DIR_HINT}")
     if cfg.get("data") is None or cfg.data.get("tokenizer") is None:
@@ -103,7 +105,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
             ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # truncated, foreign or not a torch file: torch raises many different errors
         raise ConfigError(
-            f"checkpoint {path} is unreadable ({_first_line(exc)}): pass another checkpoint "
+            f"checkpoint {path} is unreadable ({error_summary(exc)}): pass another checkpoint "
             "(checkpoint=PATH or a file of the run's checkpoints/) or retrain"
         ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
@@ -141,13 +143,10 @@ def _load_weights(model: Transformer, ckpt: dict[str, Any], path: Path) -> None:
 
 
 def _device(device: str | torch.device) -> torch.device:
+    """torch.device of a setting; "auto": the GPU when there is one, else the CPU."""
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device} is not available (no CUDA GPU here): use device=cpu")
     return device
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..model import ConfigError
+from ..model.config import error_summary
 
 PROG = "egmla-eval"
 USAGE = f"usage: {PROG} checkpoint=RUN_DIR [eval=offline|paper] [eval.limit=N] [eval.KEY=VALUE ...]"
@@ -141,12 +142,6 @@ def _check_limit(limit: Any) -> None:
 # Tasks
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _build_hint(settings: EvalSettings, force: bool = False) -> str:
     """How to (re)build the offline data whose task YAMLs `include_path` holds (it is OUT/tasks)."""
     out = Path(settings.include_path).parent if settings.include_path else Path("data/eval")
@@ -200,7 +195,9 @@ def load_tasks(manager, settings: EvalSettings) -> list:
         try:
             built = manager.load([task])
         except Exception as exc:  # datasets, hub and YAML errors alike mean the task's data is not there
-            raise EvalError(f"cannot load task {task!r} ({_one_line(exc)}): {_load_hint(settings)}") from None
+            raise EvalError(
+                f"cannot load task {task!r} ({error_summary(exc, limit=200)}): {_load_hint(settings)}"
+            ) from None
         loaded.append(built["groups"].get(task) or built["tasks"][task])
     return loaded
 
@@ -278,14 +275,6 @@ def evaluate_model(model, tokenizer, eval_cfg: dict[str, Any], manager=None) -> 
     return summarize(out["results"], settings)
 
 
-def _run_device(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def merge_results(path: Path, update: dict[str, Any]) -> dict[str, Any]:
     """Set `update`'s keys in the JSON file at `path` (created if missing), keeping its other keys; atomic."""
     from ..train.rundir import write_json
@@ -313,7 +302,7 @@ def evaluate_run(run_dir: str | Path, eval_cfg: dict[str, Any]) -> dict[str, Any
     if run_dir.is_file():
         raise ConfigError(f"checkpoint={run_dir} is a file: pass its run directory (results.json goes there)")
     check_include_path(settings)  # before loading the model: the cheap mistakes first
-    model, tokenizer, _ = load_run(run_dir, device=_run_device(settings.device))
+    model, tokenizer, _ = load_run(run_dir, device=settings.device)
     results = evaluate_model(model, tokenizer, _plain(eval_cfg))
     merge_results(run_dir / "results.json", {**results, "eval_config": _plain(eval_cfg)})
     return results
@@ -387,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.require_tasks()
         start = time.perf_counter()
         results = evaluate_run(run_dir, eval_cfg)
-    except (ConfigError, EvalError) as exc:
+    except ConfigError as exc:  # EvalError included
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(results, settings))

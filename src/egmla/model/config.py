@@ -20,6 +20,13 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key, the value and what is valid."""
 
 
+def error_summary(exc: BaseException, limit: int = 160) -> str:
+    """'Type: first line of the message', at most `limit` characters: a foreign error inside a one-line one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _fail(key: str, value: Any, valid: str) -> None:
     raise ConfigError(f"{key}={value!r} is invalid: {valid}")
 

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..model import ConfigError, ModelConfig
+from ..model.config import error_summary
 from .fsdp import is_sharded_checkpoint, sharded_checkpoint_metadata
 
 
@@ -67,7 +68,7 @@ def check_checkpoint(path: Path, model_cfg: ModelConfig) -> dict[str, Any]:
             ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # a truncated or foreign file: torch raises many different errors
         raise ConfigError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): "
+            f"checkpoint {path} is unreadable ({error_summary(exc)}): "
             "resume from another checkpoint (resume=PATH) or start a new run"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("state_dict") is None:

@@ -69,9 +69,11 @@ class StreamDataModule(L.LightningDataModule):
             num_workers=max(1, c.get("num_workers", 0)),  # the stream counts the main process as one worker
         )
 
+    def _rank_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
     def _loader(self, role: str) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = self._rank_world()
         workers = self.cfg.get("num_workers", 0)
         return DataLoader(
             self._dataset(role, rank, world),
@@ -99,10 +101,10 @@ class StreamDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ranks = state["ranks"]
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        if len(ranks) != (self.trainer.world_size if self.trainer is not None else 1):
+        rank, world = self._rank_world()
+        if len(ranks) != world:
             raise ConfigError(
                 f"the checkpoint's data position was saved by {len(ranks)} ranks, this run has "
-                f"{self.trainer.world_size}: resume with the same number of devices"
+                f"{world}: resume with the same number of devices"
             )
         self.position.load_state_dict(ranks[rank])

@@ -117,16 +117,17 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     datamodule = StreamDataModule(data_cfg, seed=cfg.seed)
     datamodule.check(mcfg.vocab_size)
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True) if "eval" in cfg else {"tasks": []}
-    callbacks = []
-    if eval_cfg.get("tasks"):
+    periodic = None  # bad eval settings fail now, not after training
+    if eval_cfg.get("tasks") and eval_cfg.get("every_steps"):
         from ..eval.callback import PeriodicEval
+
+        periodic = PeriodicEval(eval_cfg)  # checks the settings and the task names
+    elif eval_cfg.get("tasks"):
         from ..eval.run import EvalSettings
 
-        EvalSettings.from_dict(eval_cfg).require_tasks()  # bad settings fail now, not after training
-        if eval_cfg.get("every_steps"):
-            callbacks.append(PeriodicEval(eval_cfg))
+        EvalSettings.from_dict(eval_cfg).require_tasks()
     return {"model_cfg": mcfg, "run_dir": run_dir, "resume": resume, "datamodule": datamodule,
-            "eval_cfg": eval_cfg, "callbacks": callbacks}  # fmt: skip
+            "eval_cfg": eval_cfg, "periodic": periodic}  # fmt: skip
 
 
 def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = None) -> dict[str, Any] | None:
@@ -160,7 +161,9 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
     compile = t.get("compile_scope", "model") if t.compile else None
     module = LanguageModel(mcfg, OmegaConf.to_container(cfg.optim), t.max_steps, token_bytes, compile=compile,
                            activation_checkpointing=ac, sharding=sharding)  # fmt: skip
-    throughput = Throughput(accounting.flops_per_token(mcfg, d.seq_len), d.batch_size * d.seq_len, t.log_every)
+    summary = accounting.summary(mcfg, "bf16", d.seq_len)
+    throughput = Throughput(summary["flops_per_token"], d.batch_size * d.seq_len, t.log_every)
+    extra_callbacks = [prepared["periodic"]] if prepared["periodic"] is not None else []
     checkpoints = ModelCheckpoint(
         dirpath=checkpoint_dir(run_dir),
         filename="step{step:07d}",
@@ -185,12 +188,11 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every,
         logger=_logger(cfg, run_dir),
-        callbacks=[checkpoints, throughput, StepProgressBar(), *prepared.get("callbacks", []), *(callbacks or [])],
+        callbacks=[checkpoints, throughput, StepProgressBar(), *extra_callbacks, *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
-    summary = accounting.summary(mcfg, "bf16", d.seq_len)
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_hyperparams({"kv/bytes_per_token": summary["kv"]["bytes_per_token"],
@@ -223,14 +225,17 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         },
         "val": module.last_val,
     }
-    periodic = next((c for c in prepared.get("callbacks", []) if hasattr(c, "history")), None)
-    if periodic is not None:
-        results["eval_history"] = periodic.history
-    if prepared.get("eval_cfg", {}).get("tasks"):  # the final checkpoint's accuracies, as egmla-eval gives them
+    if prepared["periodic"] is not None:
+        results["eval_history"] = prepared["periodic"].history
+    eval_cfg = prepared["eval_cfg"]
+    if eval_cfg.get("tasks"):  # the final checkpoint's accuracies, as egmla-eval gives them
         from ..eval.run import evaluate_model
 
-        results |= evaluate_model(module.model, datamodule.tokenizer, prepared["eval_cfg"])
-        results["eval_config"] = prepared["eval_cfg"]
+        # After fit Lightning has moved the module back to the CPU: evaluate on the device it trained on.
+        device = str(trainer.strategy.root_device) if eval_cfg.get("device", "auto") == "auto" else eval_cfg["device"]
+        manager = prepared["periodic"].manager if prepared["periodic"] is not None else None
+        results |= evaluate_model(module.model, datamodule.tokenizer, eval_cfg | {"device": device}, manager)
+        results["eval_config"] = eval_cfg
     write_json(run_dir / "results.json", results)
     return results
 

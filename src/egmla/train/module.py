@@ -125,12 +125,7 @@ class LanguageModel(L.LightningModule):
             eps=o["eps"],
             fused=bool(fused),
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_multiplier(
-                step, self.max_steps, o["warmup_steps"], o["schedule"], o["min_lr_ratio"], o["decay_fraction"]
-            ),
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_scale)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
@@ -144,16 +139,13 @@ class LanguageModel(L.LightningModule):
             decay["weight_decay"] = o["weight_decay"]
             for group in (decay, no_decay):
                 group.update(initial_lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
-            multiplier = lr_multiplier(
-                self.global_step,
-                self.max_steps,
-                o["warmup_steps"],
-                o["schedule"],
-                o["min_lr_ratio"],
-                o["decay_fraction"],
-            )
-            for group in (decay, no_decay):
-                group["lr"] = o["lr"] * multiplier
+                group["lr"] = o["lr"] * self._lr_scale(self.global_step)
+
+    def _lr_scale(self, step: int) -> float:
+        """The schedule's multiplier of optim.lr at optimizer step `step`."""
+        o = self.optim
+        return lr_multiplier(step, self.max_steps, o["warmup_steps"], o["schedule"], o["min_lr_ratio"],
+                             o["decay_fraction"])  # fmt: skip
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Clipping here rather than through the Trainer: Lightning refuses its own clipping with fused AdamW,

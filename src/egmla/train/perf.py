@@ -35,8 +35,6 @@ class Throughput(L.Callback):
         self.log_every = max(1, log_every)
         self.windows: list[tuple[int, float]] = []  # (tokens, seconds) per closed window, this process
         self.peak_flops_total: float | None = None  # all devices' bf16 peak, FLOP/s (None: no known peak)
-        self.last_tok_per_s: float | None = None
-        self.last_mfu: float | None = None
         self._window_tokens = 0
         self._window_start: float | None = None
 
@@ -72,11 +70,11 @@ class Throughput(L.Callback):
         elapsed = self._now(pl_module) - self._window_start
         self.windows.append((self._window_tokens, elapsed))
         if log and elapsed > 0:
-            self.last_tok_per_s = self._window_tokens / elapsed
-            pl_module.log("perf/tok_per_s", self.last_tok_per_s, prog_bar=True, on_step=True, rank_zero_only=True)
+            tok_per_s = self._window_tokens / elapsed
+            pl_module.log("perf/tok_per_s", tok_per_s, prog_bar=True, on_step=True, rank_zero_only=True)
             if self.peak_flops_total:
-                self.last_mfu = self.flops_per_token * self.last_tok_per_s / self.peak_flops_total
-                pl_module.log("perf/mfu", self.last_mfu, on_step=True, rank_zero_only=True)
+                mfu = self.flops_per_token * tok_per_s / self.peak_flops_total
+                pl_module.log("perf/mfu", mfu, on_step=True, rank_zero_only=True)
         self._window_tokens = 0
         self._window_start = time.perf_counter()
 
