@@ -80,25 +80,25 @@ reproduce-table-tiny: data eval-data  ## CPU: demo sweep, offline evaluation, ta
 		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=offline eval.limit=$(TINY_EVAL_LIMIT)"
 	$(BIN)/egmla-table runs/sweeps/demo_tiny --out experiments/tiny --title "Tiny CPU study (demo_tiny)"
 
-reproduce-table1: setup  ## GPUs + hub: the paper's Table 1 at 120M on ClimbMix, evaluated, tabled
-	$(BIN)/egmla-sweep sweeps/table1_120m.yaml --out runs/sweeps/table1_120m \
+# A GPU reproduction: run the sweep (each trial evaluated), then table it into experiments/<name>/.
+comma := ,
+define sweep_and_table
+	$(BIN)/egmla-sweep sweeps/$(1).yaml --out runs/sweeps/$(1) \
 		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=$(EVAL)"
-	$(BIN)/egmla-table runs/sweeps/table1_120m --out experiments/table1_120m --title "Table 1 (120M)"
+	$(BIN)/egmla-table runs/sweeps/$(1) --out experiments/$(1) --title "$(2)"
+endef
+
+reproduce-table1: setup  ## GPUs + hub: the paper's Table 1 at 120M on ClimbMix, evaluated, tabled
+	$(call sweep_and_table,table1_120m,Table 1 (120M))
 
 reproduce-latent-sweep: setup  ## GPUs + hub: EG-MLA kv_lora_rank 16..512 at 120M
-	$(BIN)/egmla-sweep sweeps/latent_sweep.yaml --out runs/sweeps/latent_sweep \
-		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=$(EVAL)"
-	$(BIN)/egmla-table runs/sweeps/latent_sweep --out experiments/latent_sweep --title "Latent size sweep (120M)"
+	$(call sweep_and_table,latent_sweep,Latent size sweep (120M))
 
 reproduce-gate-dim: setup  ## GPUs + hub: EG-MLA gate_dim sweep at 120M (Figure 1b)
-	$(BIN)/egmla-sweep sweeps/gate_dim.yaml --out runs/sweeps/gate_dim \
-		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=$(EVAL)"
-	$(BIN)/egmla-table runs/sweeps/gate_dim --out experiments/gate_dim --title "Gate width sweep (120M)"
+	$(call sweep_and_table,gate_dim,Gate width sweep (120M))
 
 reproduce-scaling: setup  ## GPUs + hub: MLA vs EG-MLA at the 650M and 1.2B scales
-	$(BIN)/egmla-sweep sweeps/scaling.yaml --out runs/sweeps/scaling \
-		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=$(EVAL)"
-	$(BIN)/egmla-table runs/sweeps/scaling --out experiments/scaling --title "Scaling (650M, 1.2B)"
+	$(call sweep_and_table,scaling,Scaling (650M$(comma) 1.2B))
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

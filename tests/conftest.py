@@ -1,9 +1,12 @@
-"""Shared fixtures: small model configurations of every attention variant, built without Hydra."""
+"""Shared fixtures: small model configurations of every attention variant (built without Hydra), and a small
+jsonl corpus with the overrides, runner and log reader of the tests that train through the real conf/ tree."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import random
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +26,64 @@ def write_jsonl(path: Path, texts: Iterable[str]) -> None:
     """One {"text": ...} document per line, as data=local reads them."""
     with open(path, "w") as f:
         f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess: this one's, with the model hub and datasets offline."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small jsonl corpus: 300 training and 40 validation documents of random words."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for name, n in (("train", 300), ("val", 40)):
+        texts = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(n))
+        write_jsonl(root / f"{name}.jsonl", (f"{name} document {i}: {text}." for i, text in enumerate(texts)))
+    return root
+
+
+def overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    """egmla-train overrides for the tiny byte-level model on `corpus`: 6 steps, validation every 3."""
+    return [
+        "model=tiny",
+        "model.vocab_size=257",
+        "data=local",
+        f"data.data_files.train={corpus / 'train.jsonl'}",
+        f"data.data_files.validation={corpus / 'val.jsonl'}",
+        "data.tokenizer=bytes",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_window=8",
+        f"run_dir={run_dir}",
+        "train.max_steps=6",
+        "train.val_every=3",
+        "train.val_batches=2",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+        "optim.warmup_steps=2",
+        *extra,
+    ]
+
+
+def run_training(args: list[str], callbacks=None) -> dict:
+    """egmla-train in this process (compose, prepare, train); returns results.json's content."""
+    from egmla import compose
+    from egmla.train.main import prepare, train
+
+    cfg = compose(args)
+    return train(cfg, prepare(cfg), callbacks=callbacks)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step from every csv/version_N/metrics.csv of a run (a resume writes a new version)."""
+    out = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            out |= {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
+    return out
 
 
 # name -> attention knobs; covers every variant and every open EG-MLA choice at least once.

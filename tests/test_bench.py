@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 
-from egmla.bench import CSV_COLUMNS, main
+from conftest import offline_env
+from egmla.bench import main
+from egmla.bench.train import CSV_COLUMNS
 
 
 def test_bench_train_smoke_writes_rows(tmp_path, capsys):
@@ -26,7 +28,6 @@ def test_bench_train_smoke_writes_rows(tmp_path, capsys):
 
 def test_bench_train_sharded_path_runs_on_two_cpu_processes(tmp_path):
     """--gpus 2 relaunches itself under torchrun and shards with FSDP2 (gloo here, NCCL on GPUs)."""
-    import os
     import subprocess
     import sys
 
@@ -34,7 +35,7 @@ def test_bench_train_sharded_path_runs_on_two_cpu_processes(tmp_path):
     argv = ["train", "--size", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--gpus", "2",
             "--variants", "egmla", "--ac", "selective", "--prefetch", "2", "--set", "model.vocab_size=257",
             "--csv", str(out)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = offline_env()
     done = subprocess.run([sys.executable, "-m", "egmla.bench", *argv], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     with open(out) as f:

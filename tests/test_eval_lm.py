@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import subprocess
@@ -20,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
-from conftest import WORDS, write_jsonl
-from egmla import ConfigError, compose
+from conftest import WORDS, offline_env, run_training, write_jsonl
+from egmla import ConfigError
 from egmla.data.tokenizer import GPT2_EOS, build_tokenizer
 from egmla.eval import lm_eval_plugin
 from egmla.eval.lm import EgmlaLM
 from egmla.eval.load import load_run
 from egmla.model import AttentionConfig, ModelConfig, Transformer
-from egmla.train.main import prepare, train
 
 MAX_LEN = 64  # the trained run's model.max_seq_len: small, so truncation and rolling windows are exercised
 PTH = Path(lm_eval_plugin.__file__).with_name(lm_eval_plugin.PTH_NAME)
@@ -53,7 +51,7 @@ def run_dir(tmp_path_factory) -> Path:
     rng = random.Random(0)
     for name, n in (("train", 60), ("val", 10)):
         write_jsonl(root / f"{name}.jsonl", (" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(n)))
-    cfg = compose(
+    run_training(
         [
             "model=tiny",
             "model.vocab_size=257",
@@ -79,7 +77,6 @@ def run_dir(tmp_path_factory) -> Path:
             "optim.warmup_steps=1",
         ]
     )
-    train(cfg, prepare(cfg))
     return root / "run"
 
 
@@ -452,7 +449,7 @@ def test_lm_eval_command_line_runs_the_egmla_model(run_dir, tmp_path):
     args = ["--model", "egmla", "--model_args", f"checkpoint={run_dir}", "--tasks", "egmla_tiny_mc",
             "--include_path", str(tmp_path / "tasks"), "--limit", "5", "--batch_size", "4",
             "--output_path", str(out)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = offline_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([*_lm_eval_command(tmp_path), *args], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "egmla_tiny_mc" in proc.stdout and "acc" in proc.stdout and "|" in proc.stdout, proc.stdout

@@ -19,13 +19,11 @@ import pytest
 import torch
 from datasets import ClassLabel, Features, Sequence, Value
 
-from conftest import WORDS, write_jsonl
-from egmla import compose
+from conftest import WORDS, run_training, write_jsonl
 from egmla.eval import eval_data
 from egmla.eval.callback import PeriodicEval
 from egmla.eval.offline_tasks import lm_eval_tasks_dir, mmlu_subjects, render_tasks
 from egmla.eval.run import EvalSettings, compose_eval, main, merge_results, summarize
-from egmla.train.main import prepare, train
 
 ROWS = 3  # per split: the suite runs with eval.limit=4, so every row is scored
 OFFLINE_TASKS = ["piqa_offline", "arc_easy_offline", "arc_challenge_offline", "hellaswag_offline",
@@ -140,11 +138,6 @@ def train_overrides(corpus: Path, run_dir: Path, steps: int = 3) -> list[str]:
             "data.seq_len=32", "data.batch_size=4", "data.num_workers=0", "data.shuffle_window=4",
             f"run_dir={run_dir}", f"train.max_steps={steps}", f"train.val_every={steps}", "train.val_batches=1",
             "train.log_every=1", f"train.ckpt_every={steps}", "optim.warmup_steps=1"]  # fmt: skip
-
-
-def run_training(args: list[str], callbacks=None) -> dict:
-    cfg = compose(args)
-    return train(cfg, prepare(cfg), callbacks=callbacks)
 
 
 @pytest.fixture(scope="module")

@@ -5,26 +5,23 @@ Lightning re-launches the command once per extra rank, so the distributed runs a
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import offline_env, overrides, train_losses
 from egmla import build_model, compose
 from egmla.train.fsdp import apply_activation_checkpointing, compile_model, is_sharded_checkpoint
-from test_train import corpus, overrides  # noqa: F401  (the corpus fixture)
 
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "attention=egmla"]
 
 
 def egmla_train(args: list[str], torchrun: bool = False) -> None:
     """egmla-train in a subprocess: Lightning starts the second rank itself, or torchrun starts both."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = offline_env()
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -32,18 +29,7 @@ def egmla_train(args: list[str], torchrun: bool = False) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def train_losses(run_dir: Path) -> dict[int, float]:
-    """train/loss by step from every csv/version_N/metrics.csv of a run (a resume writes a new version)."""
-    losses = {}
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    losses[int(row["step"])] = float(row["train/loss"])
-    return losses
-
-
-def test_fsdp2_trains_saves_sharded_checkpoints_and_resumes_exactly(corpus, tmp_path):  # noqa: F811
+def test_fsdp2_trains_saves_sharded_checkpoints_and_resumes_exactly(corpus, tmp_path):
     """Stopped at step 4 and resumed to 6, a 2-rank FSDP2 run ends where an uninterrupted one does: same losses,
     same weights (read back from the sharded checkpoints by the evaluation loader, in one process). The
     uninterrupted run is launched by torchrun, the others by Lightning: the same command serves both."""
@@ -82,7 +68,7 @@ def test_fsdp2_trains_saves_sharded_checkpoints_and_resumes_exactly(corpus, tmp_
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_fsdp_refuses_in_training_evaluation(corpus, tmp_path, capsys):  # noqa: F811
+def test_fsdp_refuses_in_training_evaluation(corpus, tmp_path, capsys):
     from egmla.train.main import main
 
     assert main(overrides(corpus, tmp_path / "run", *FSDP, "eval=offline")) == 2

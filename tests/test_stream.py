@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import traceback
 from itertools import islice
@@ -12,10 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from egmla.data.stream import PackedBatches, SourceSpec, StreamPosition, open_documents  # noqa: E402
+from egmla.data.stream import PackedBatches, SourceSpec, StreamPosition, open_documents
 
 EOS = 256
 

@@ -4,53 +4,17 @@ inputs fail in one line without touching checkpoints already written."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from conftest import WORDS, write_jsonl
+from conftest import offline_env, overrides, run_training, train_losses
 from egmla import ConfigError, compose
-from egmla.train.main import main, prepare, train
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A small jsonl corpus: 300 training and 40 validation documents of random words."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for name, n in (("train", 300), ("val", 40)):
-        texts = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(n))
-        write_jsonl(root / f"{name}.jsonl", (f"{name} document {i}: {text}." for i, text in enumerate(texts)))
-    return root
-
-
-def overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "model=tiny",
-        "model.vocab_size=257",
-        "data=local",
-        f"data.data_files.train={corpus / 'train.jsonl'}",
-        f"data.data_files.validation={corpus / 'val.jsonl'}",
-        "data.tokenizer=bytes",
-        "data.seq_len=32",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "data.shuffle_window=8",
-        f"run_dir={run_dir}",
-        "train.max_steps=6",
-        "train.val_every=3",
-        "train.val_batches=2",
-        "train.log_every=1",
-        "train.ckpt_every=2",
-        "optim.warmup_steps=2",
-        *extra,
-    ]
+from egmla.train.main import main, prepare
 
 
 class BatchRecorder(L.Callback):
@@ -75,14 +39,9 @@ class Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def run(args: list[str], callbacks=None) -> dict:
-    cfg = compose(args)
-    return train(cfg, prepare(cfg), callbacks=callbacks)
-
-
 @pytest.mark.parametrize("attention", ["mha", "gqa", "mqa", "mla", "egmla"])
 def test_tiny_every_variant_trains_and_writes_results(corpus, tmp_path, attention):
-    results = run(overrides(corpus, tmp_path / "run", f"attention={attention}"))
+    results = run_training(overrides(corpus, tmp_path / "run", f"attention={attention}"))
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["train"]["steps"] == 6 and saved["train"]["tokens"] == 6 * 4 * 32
     assert saved["config"]["attention"]["variant"] == attention
@@ -100,31 +59,22 @@ def test_120m_every_variant_trains_a_step(corpus, tmp_path, attention):
     small = ["data.seq_len=16", "data.batch_size=1", "train.max_steps=1", "train.val_batches=1", "train.ckpt_every=100"]
     args = overrides(corpus, tmp_path / "run", "model=120m", f"attention={attention}", *small)
     args.remove("model.vocab_size=257")  # the paper's GPT-2 vocabulary; byte ids fit inside it
-    results = run(args)
+    results = run_training(args)
     assert results["train"]["steps"] == 1 and results["val"]["loss"] > 0
     assert results["config"]["model"]["d_model"] == 768
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """train/loss by step from every csv log version of a run (a resume writes a new version)."""
-    out = {}
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        with open(path) as f:
-            out |= {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")}
-    return out
-
-
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_on_the_same_batches_and_losses(corpus, tmp_path, workers):
+def test_resume_continues_on_the_same_batches_andtrain_losses(corpus, tmp_path, workers):
     extra = [f"data.num_workers={workers}", "train.max_steps=8", "train.ckpt_every=3"]
     straight = BatchRecorder()
-    run(overrides(corpus, tmp_path / "straight", *extra), callbacks=[straight])
+    run_training(overrides(corpus, tmp_path / "straight", *extra), callbacks=[straight])
 
     first = BatchRecorder()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(overrides(corpus, tmp_path / "resumed", *extra), callbacks=[first, Crash(at_step=5)])
+        run_training(overrides(corpus, tmp_path / "resumed", *extra), callbacks=[first, Crash(at_step=5)])
     second = BatchRecorder()
-    results = run(overrides(corpus, tmp_path / "resumed", *extra, "resume=last"), callbacks=[second])
+    results = run_training(overrides(corpus, tmp_path / "resumed", *extra, "resume=last"), callbacks=[second])
 
     # The crash came after step 5, the last checkpoint is step 3: steps 4-5 are trained again, identically.
     assert first.rows == straight.rows[:5]
@@ -135,12 +85,12 @@ def test_resume_continues_on_the_same_batches_and_losses(corpus, tmp_path, worke
 
 
 def test_same_seed_same_loss_curve(corpus, tmp_path):
-    a = run(overrides(corpus, tmp_path / "a"))
-    b = run(overrides(corpus, tmp_path / "b"))
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 6
+    a = run_training(overrides(corpus, tmp_path / "a"))
+    b = run_training(overrides(corpus, tmp_path / "b"))
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b") and len(train_losses(tmp_path / "a")) == 6
     assert a["val"]["loss"] == b["val"]["loss"]
-    run(overrides(corpus, tmp_path / "c", "seed=7"))
-    assert _losses(tmp_path / "c") != _losses(tmp_path / "a")
+    run_training(overrides(corpus, tmp_path / "c", "seed=7"))
+    assert train_losses(tmp_path / "c") != train_losses(tmp_path / "a")
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -150,7 +100,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 @pytest.fixture
 def trained(corpus, tmp_path) -> Path:
     """A finished 4-step run with checkpoints at steps 2 and 4."""
-    run(overrides(corpus, tmp_path / "run", "train.max_steps=4"))
+    run_training(overrides(corpus, tmp_path / "run", "train.max_steps=4"))
     return tmp_path / "run"
 
 
@@ -226,7 +176,7 @@ def test_two_process_ddp_trains_and_resumes(corpus, tmp_path):
 
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
     args = overrides(corpus, tmp_path / "run", *ddp, "train.max_steps=4", "train.ckpt_every=2")
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = offline_env()
     first = subprocess.run([sys.executable, "-m", "egmla.train", *args], env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -257,7 +207,7 @@ def test_wandb_logger_is_offline_without_a_key_and_grouped_by_experiment(corpus,
 
 
 def test_last_checkpoint_holds_the_final_step(corpus, tmp_path):
-    run(overrides(corpus, tmp_path / "run", "train.max_steps=5", "train.ckpt_every=2"))
+    run_training(overrides(corpus, tmp_path / "run", "train.max_steps=5", "train.ckpt_every=2"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 5
 

@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from . import decode, train
-from .train import CSV_COLUMNS  # noqa: F401  (the throughput table's columns, re-exported for tests)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,11 +25,9 @@ sequences and reported apart.
 from __future__ import annotations
 
 import copy
-import csv
 import sys
 import time
 from contextlib import contextmanager
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -37,7 +35,7 @@ import torch
 from .. import accounting, kernels
 from ..config import build_model, compose
 from ..model import ConfigError
-from ..train.rundir import git_commit
+from ..train.rundir import append_csv, bench_stamp
 
 CSV_COLUMNS = ["variant", "size", "context", "batch", "card", "cache_bytes_measured", "cache_bytes_analytic",
                "step_ms", "tok_per_s", "max_batch_in_budget", "budget_gib", "us_per_seq_layer", "date",
@@ -278,8 +276,6 @@ def bench_row(model, name: str, size: str, context: int, batch: int, args, devic
         "max_batch_in_budget": max_batch_in_budget(cfg, context, args.budget_gib, element),
         "budget_gib": args.budget_gib,
         "us_per_seq_layer": us_per_seq_layer(step_ms, batch, cfg.n_layers),
-        "date": date.today().isoformat(),
-        "commit": (git_commit()["commit"] or "")[:12],
     }
 
 
@@ -322,15 +318,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['us_per_seq_layer']:>12.2f} {ratio('us_per_seq_layer'):>6} {r['max_batch_in_budget']:>9} "
                      f"{ratio('max_batch_in_budget'):>6}")  # fmt: skip
     return "\n".join(lines)
-
-
-def write_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
 
 
 def add_parser(sub) -> None:
@@ -384,6 +371,7 @@ def run(args) -> int:
     kernels.OPTIONS.update(block_s=args.block_s, split_tokens=args.split_tokens or None,
                            num_warps=args.num_warps, num_stages=args.num_stages)  # fmt: skip
     rows: list[dict] = []
+    stamp = bench_stamp()
     try:
         names = expand_variants(args.variants, args.gate_source)
         for variant in names:
@@ -403,18 +391,15 @@ def run(args) -> int:
                     finally:
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
-                    row["at_max"] = batch != args.batch
+                    row |= stamp | {"at_max": batch != args.batch}
                     rows.append(row)
                     print(format_table([row]).splitlines()[-1], flush=True)
                     if args.csv:
-                        write_csv(args.csv, row)
+                        append_csv(args.csv, [row], CSV_COLUMNS)
             del model
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, BenchError) as exc:
         print(f"egmla-bench: error: {exc}", file=sys.stderr)
-        return 2
-    except BenchError as exc:
-        print(f"egmla-bench: error: {exc}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(exc, BenchError) else 2
     if rows:
         print(f"\n{args.size}, {card}, timed batch {args.batch}, budget {args.budget_gib} GiB, {args.steps} steps\n")
         print(format_table(sorted(rows, key=lambda r: (r["at_max"], r["context"]))))

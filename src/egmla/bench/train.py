@@ -13,12 +13,10 @@ convention), peak memory of the fullest GPU, and tokens/s relative to the first 
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -30,7 +28,7 @@ from ..model import ConfigError
 from ..train import fsdp
 from ..train.module import cross_entropy
 from ..train.perf import peak_flops
-from ..train.rundir import git_commit
+from ..train.rundir import append_csv, bench_stamp
 
 CSV_COLUMNS = ["variant", "size", "seq", "batch", "gpus", "card", "tok_per_s", "mfu", "peak_mem_gib", "date", "commit"]
 
@@ -44,18 +42,15 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
     world = dist.get_world_size() if sharded else 1
     torch.manual_seed(0)
     model = build_model(cfg)
-    fsdp.apply_activation_checkpointing(model, activation_checkpointing)
-    if sharded:  # as LanguageModel.configure_model does under trainer=fsdp
+    mesh = None
+    if sharded:  # exactly as LanguageModel.configure_model does under trainer=fsdp
         from torch.distributed.device_mesh import init_device_mesh
 
-        if compile:
-            fsdp.compile_model(model, "blocks")
-        precision = "bf16-mixed" if device.type == "cuda" else "32-true"
-        fsdp.apply_fsdp2(model, init_device_mesh(device.type, (world,)), precision, reshard_after_forward, prefetch)
+        mesh = init_device_mesh(device.type, (world,))
     else:
         model.to(device)
-        if compile:
-            fsdp.compile_model(model, compile)
+    precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+    fsdp.prepare_model(model, activation_checkpointing, compile, mesh, precision, reshard_after_forward, prefetch)
     loss_fn = torch.compile(cross_entropy) if compile else cross_entropy
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     vocab = model.cfg.vocab_size
@@ -87,10 +82,11 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
     seconds = time.perf_counter() - start
     tok_per_s = batch * seq * steps * world / seconds
     peak = peak_flops(device)
-    peak_mem = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0)
-    if sharded:  # the fullest GPU's
-        peak_mem = peak_mem.to(device)
-        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+    peak_mem = None
+    if device.type == "cuda":
+        peak_mem = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
+        if sharded:  # the fullest GPU's
+            dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
     return {
         "variant": cfg.attention.name,
         "size": size,
@@ -100,9 +96,7 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "tok_per_s": tok_per_s,
         "mfu": accounting.flops_per_token(model.cfg, seq) * tok_per_s / (peak * world) if peak else None,
-        "peak_mem_gib": float(peak_mem) if device.type == "cuda" else None,
-        "date": date.today().isoformat(),
-        "commit": (git_commit()["commit"] or "")[:12],
+        "peak_mem_gib": float(peak_mem) if peak_mem is not None else None,
     }
 
 
@@ -185,12 +179,13 @@ def run(args) -> int:
         torch.set_float32_matmul_precision("high")
     overrides = [f"model.max_seq_len={max(args.seq, 1)}", *args.set]
     compile_scope = None if args.no_compile or device.type != "cuda" else args.compile_scope
-    rows = []
+    rows, stamp = [], bench_stamp()
     try:
         for variant in args.variants:
-            rows.append(bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup,
-                                      compile_scope, overrides, device,
-                                      args.profile, args.ac, not args.no_reshard, args.prefetch))  # fmt: skip
+            row = bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup, compile_scope,
+                                overrides, device, args.profile, args.ac, not args.no_reshard,
+                                args.prefetch)  # fmt: skip
+            rows.append(row | stamp)
             if rank_zero:
                 print(format_table(rows).splitlines()[-1], flush=True)
             if device.type == "cuda":
@@ -207,10 +202,5 @@ def run(args) -> int:
     print(f"\n{args.size}, seq {args.seq}, batch {args.batch}/GPU, {gpus}{rows[0]['card']}, {args.steps} timed steps\n")
     print(format_table(rows))
     if args.csv:
-        new = not args.csv.exists()
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_csv(args.csv, rows, CSV_COLUMNS)
     return 0

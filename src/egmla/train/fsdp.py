@@ -72,6 +72,19 @@ def compile_model(model: Transformer, scope: str) -> None:
         block.forward = torch.compile(block.forward)
 
 
+def prepare_model(model: Transformer, activation_checkpointing: str = "none", compile: str | None = None,
+                  mesh=None, precision: str = "32-true", reshard_after_forward: bool = True,
+                  prefetch: int = 0) -> None:  # fmt: skip
+    """Everything applied around the plain model, in torchtitan's order: activation checkpointing, compilation
+    (`compile`: None, "model" or "blocks"; always per block when sharded), then FSDP2 when a mesh is given.
+    The trainer (LanguageModel.configure_model) and egmla-bench train share it."""
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        compile_model(model, "blocks" if mesh is not None else compile)
+    if mesh is not None:
+        apply_fsdp2(model, mesh, precision, reshard_after_forward, prefetch)
+
+
 def mixed_precision(precision: str):
     """FSDP2's MixedPrecisionPolicy for a Lightning precision string: bf16-mixed -> bf16 compute, fp32 grads."""
     from torch.distributed.fsdp import MixedPrecisionPolicy

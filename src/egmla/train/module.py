@@ -51,13 +51,10 @@ class LanguageModel(L.LightningModule):
         if self._configured:  # Lightning calls this hook again for trainer.validate() after fit()
             return
         self._configured = True
-        fsdp.apply_activation_checkpointing(self.model, self.activation_checkpointing)
-        sharded = self.device_mesh is not None
-        if self.compile:
-            fsdp.compile_model(self.model, "blocks" if sharded else self.compile)
-        if sharded:
-            fsdp.apply_fsdp2(self.model, self.device_mesh["data_parallel"], self.sharding.get("precision", "32-true"),
-                             self.sharding.get("reshard_after_forward", True))  # fmt: skip
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        fsdp.prepare_model(self.model, self.activation_checkpointing, self.compile, mesh,
+                           self.sharding.get("precision", "32-true"),
+                           self.sharding.get("reshard_after_forward", True))  # fmt: skip
         if self.compile:
             # Compiling the loss fuses the fp32 upcast into the softmax instead of materialising fp32 logits:
             # measured +18% tok/s and -9 GiB at 120m, seq 2048, batch 16 on an H200 (egmla-bench).

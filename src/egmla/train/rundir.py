@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
 import socket
 import subprocess
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,21 @@ def environment(argv: list[str], short: bool = False) -> dict[str, Any]:
     if not short:
         env |= {"command": " ".join(argv), "versions": _versions()}
     return env
+
+
+def bench_stamp() -> dict[str, str]:
+    """The date and short commit a benchmark row records (computed once per run, not per row)."""
+    return {"date": date.today().isoformat(), "commit": (git_commit()["commit"] or "")[:12]}
+
+
+def append_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Append rows to a CSV (keys outside `columns` ignored), writing the header when the file is new."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
