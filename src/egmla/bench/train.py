@@ -7,8 +7,10 @@
 Each variant gets egmla-train's inner step on random token ids, so the figures isolate the model from data
 loading: one GPU: bf16 autocast, torch.compile of the whole model and of the loss; several GPUs: FSDP2 exactly
 as trainer=fsdp applies it (blocks compiled one by one, bf16 mixed-precision policy); then fused AdamW and
-gradient clipping at 1.0. --batch is per GPU. Reported: tokens/s of all GPUs, MFU per GPU (DESIGN.md
-convention), peak memory of the fullest GPU, and tokens/s relative to the first variant, measured in this run.
+gradient clipping at 1.0. --loss fused (the default, as train.fused_loss): the output head and cross-entropy
+fused chunk by chunk; plain: full logits, then the loss. --batch is per GPU. Reported: tokens/s of all GPUs,
+MFU per GPU (DESIGN.md convention), peak memory of the fullest GPU, and tokens/s relative to the first variant,
+measured in this run.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from ..train.module import cross_entropy
 from ..train.perf import peak_flops
 from ..train.rundir import append_csv, bench_stamp
 
+LOSSES = ("fused", "plain")
 CSV_COLUMNS = ["variant", "size", "seq", "batch", "gpus", "card", "tok_per_s", "mfu", "peak_mem_gib", "date", "commit"]
 
 
 def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, warmup: int, compile: str | None,
                   overrides: list[str], device: torch.device, profile: bool = False,
                   activation_checkpointing: str = "none", reshard_after_forward: bool = True,
-                  prefetch: int = 0) -> dict:  # fmt: skip
+                  prefetch: int = 0, loss: str = "fused") -> dict:  # fmt: skip
     cfg = compose([f"model={size}", f"attention={variant}", *overrides])
     sharded = dist.is_initialized()
     world = dist.get_world_size() if sharded else 1
@@ -51,6 +54,7 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
         model.to(device)
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     fsdp.prepare_model(model, activation_checkpointing, compile, mesh, precision, reshard_after_forward, prefetch)
+    model.compile_loss = bool(compile)
     loss_fn = torch.compile(cross_entropy) if compile else cross_entropy
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     vocab = model.cfg.vocab_size
@@ -60,10 +64,14 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
 
     def step() -> None:
         ids = torch.randint(0, vocab, (batch, seq + 1), device=device, generator=generator)
-        with autocast:
-            logits = model(ids[:, :-1])
-        loss = loss_fn(logits, ids[:, 1:])
-        loss.backward()
+        if loss == "fused":
+            with autocast:
+                value = model(ids[:, :-1], targets=ids[:, 1:])
+        else:
+            with autocast:
+                logits = model(ids[:, :-1])
+            value = loss_fn(logits, ids[:, 1:])
+        value.backward()
         fsdp.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -152,6 +160,8 @@ def add_parser(sub) -> None:
     train.add_argument("--ac", default="none", choices=fsdp.AC_MODES, help="activation checkpointing")
     train.add_argument("--no-reshard", action="store_true", help="FSDP2: keep parameters gathered for the backward")
     train.add_argument("--prefetch", type=int, default=0, help="FSDP2: blocks gathered ahead explicitly (0: implicit)")
+    train.add_argument("--loss", default="fused", choices=LOSSES,
+                       help="fused: head and cross-entropy chunk by chunk; plain: full logits first")  # fmt: skip
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
     train.add_argument("--csv", type=Path, default=None, help="append rows to this CSV file")
     train.add_argument("--profile", action="store_true", help="print the top operators of each variant")
@@ -184,7 +194,7 @@ def run(args) -> int:
         for variant in args.variants:
             row = bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup, compile_scope,
                                 overrides, device, args.profile, args.ac, not args.no_reshard,
-                                args.prefetch)  # fmt: skip
+                                args.prefetch, args.loss)  # fmt: skip
             rows.append(row | stamp)
             if rank_zero:
                 print(format_table(rows).splitlines()[-1], flush=True)
@@ -199,7 +209,8 @@ def run(args) -> int:
     if not rank_zero:
         return 0
     gpus = f"{rows[0]['gpus']} x " if rows[0]["gpus"] > 1 else ""
-    print(f"\n{args.size}, seq {args.seq}, batch {args.batch}/GPU, {gpus}{rows[0]['card']}, {args.steps} timed steps\n")
+    print(f"\n{args.size}, seq {args.seq}, batch {args.batch}/GPU, {gpus}{rows[0]['card']}, {args.steps} timed steps, "
+          f"{args.loss} loss\n")  # fmt: skip
     print(format_table(rows))
     if args.csv:
         append_csv(args.csv, rows, CSV_COLUMNS)

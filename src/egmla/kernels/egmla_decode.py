@@ -165,12 +165,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_split_tokens(batch: int, heads: int, s: int, block_s: int, device: torch.device) -> int:
-    """Enough splits for about 4 programs per SM, never fewer than 4 tiles per split."""
-    splits = max(1, -(-4 * _sm_count(device) // (batch * heads)))
+    """Enough splits for about 16 programs per SM (measured on an H200 at 16K context, batch 32: 2 to 16 splits of
+    a sequence run 2x faster than 1 to 2), never fewer than 4 tiles per split."""
+    splits = max(1, -(-16 * _sm_count(device) // (batch * heads)))
     return max(4 * block_s, -(-s // splits))
 
 
-def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int = 32,
+def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int = 64,
                      split_tokens: int | None = None, num_warps: int = 2,
                      num_stages: int = 2) -> torch.Tensor:  # fmt: skip
     """Attention output [B, H, d_v] of one new token per sequence; same arguments as reference.decode_attention.

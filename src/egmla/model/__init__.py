@@ -2,6 +2,7 @@
 
 from .cache import DecodeCache, LayerCache
 from .config import AttentionConfig, ConfigError, ModelConfig, model_config_from_dicts
+from .loss import linear_cross_entropy
 from .transformer import Transformer
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "DecodeCache",
     "LayerCache",
     "ModelConfig",
+    "linear_cross_entropy",
     "Transformer",
     "model_config_from_dicts",
 ]

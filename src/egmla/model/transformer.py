@@ -12,6 +12,7 @@ from .attention import build_attention
 from .cache import DecodeCache, LayerCache
 from .config import ModelConfig
 from .layers import RMSNorm, Rotary, SwiGLU
+from .loss import linear_cross_entropy, padded_vocab
 
 
 class Block(nn.Module):
@@ -41,6 +42,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.compile_loss = False  # torch.compile the fused loss's per-chunk work (set by the trainer with compile)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -67,8 +69,14 @@ class Transformer(nn.Module):
     def gate_table(self, layer: int) -> nn.Embedding | None:
         return self.gate_tables[layer // self.cfg.attention.gate_group_size] if self.cfg.has_gate else None
 
-    def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
-        """ids [B, T] -> logits [B, T, vocab]. With a cache, ids continue the cached context."""
+    def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+        """ids [B, T] -> logits [B, T, vocab]. With a cache, ids continue the cached context.
+
+        With targets [B, T] (-100: ignored), the fp32 cross-entropy loss instead, `reduction` "mean" or "sum",
+        fused with the output head (egmla.model.loss): the full logits never exist."""
+        if targets is not None and cache is not None:
+            raise ValueError("targets and a decode cache were both given: the loss is for full sequences, drop one")
         start = cache.length if cache is not None else 0
         context_ids = None
         if cache is not None:
@@ -84,18 +92,20 @@ class Transformer(nn.Module):
             x = block(x, ids, start, layer_cache, context_ids, self.gate_table(i))
         if cache is not None:
             cache.length = start + ids.shape[1]
+        if targets is not None:
+            return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, reduction,
+                                        compile=self.compile_loss)  # fmt: skip
         return self.output_head(self.norm(x))
 
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits [..., vocab_size]. A large vocabulary is padded with zero rows to a multiple of 64 for the
-        matmul and sliced off after: GPT-2's 50,257-wide logit rows are misaligned for tensor-core GEMMs.
-        Not for a few rows (decode steps): there copying the padded weight would cost more than it saves."""
-        pad = -self.cfg.vocab_size % 64
-        few_rows = h.numel() < 1024 * h.shape[-1]
-        if pad == 0 or pad * 100 > self.cfg.vocab_size or few_rows:  # or padding would cost > 1% more work
+        """Logits [..., vocab_size]. The weight gets zero rows for the matmul where padded_vocab says so (a large
+        vocabulary, to a multiple of 64), sliced off after."""
+        vocab = self.cfg.vocab_size
+        rows = padded_vocab(vocab, h.numel() // h.shape[-1])
+        if rows == vocab:
             return self.lm_head(h)
-        weight = F.pad(self.lm_head.weight, (0, 0, 0, pad))
-        return F.linear(h, weight)[..., : self.cfg.vocab_size]
+        weight = F.pad(self.lm_head.weight, (0, 0, 0, rows - vocab))
+        return F.linear(h, weight)[..., :vocab]
 
     def new_cache(self, batch: int, capacity: int, dtype=None, device=None) -> DecodeCache:
         """An empty decode cache for `capacity` tokens, in the model's dtype and device by default."""

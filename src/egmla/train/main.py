@@ -36,6 +36,8 @@ def _check_settings(cfg: DictConfig) -> None:
     check_choice("trainer.strategy", cfg.trainer.strategy, STRATEGIES)
     check_choice("train.compile_scope", t.get("compile_scope", "model"), COMPILE_SCOPES)
     check_choice("train.activation_checkpointing", t.get("activation_checkpointing", "none"), AC_MODES)
+    if not isinstance(t.get("fused_loss", True), bool):
+        raise ConfigError(f"train.fused_loss={t.fused_loss!r} is invalid: expected true or false")
     if cfg.trainer.strategy == "fsdp2" and cfg.get("eval", {}).get("tasks"):
         raise ConfigError(
             "eval with trainer=fsdp is not supported (a sharded model needs every rank): train with eval=none, "
@@ -160,7 +162,8 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
     ac = t.get("activation_checkpointing", "none")
     compile = t.get("compile_scope", "model") if t.compile else None
     module = LanguageModel(mcfg, OmegaConf.to_container(cfg.optim), t.max_steps, token_bytes, compile=compile,
-                           activation_checkpointing=ac, sharding=sharding)  # fmt: skip
+                           activation_checkpointing=ac, sharding=sharding,
+                           fused_loss=t.get("fused_loss", True))  # fmt: skip
     summary = accounting.summary(mcfg, "bf16", d.seq_len)
     throughput = Throughput(summary["flops_per_token"], d.batch_size * d.seq_len, t.log_every)
     extra_callbacks = [prepared["periodic"]] if prepared["periodic"] is not None else []
