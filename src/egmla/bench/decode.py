@@ -355,7 +355,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-rows", type=int, default=8, help="sequences per prefill pass")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill forward")
     p.add_argument("--check-rows", type=int, default=8, help="sequences compared against the unfused path")
-    p.add_argument("--block-s", type=int, default=64, help="fused kernel: context tokens per tile")
+    p.add_argument("--block-s", type=int, default=32, help="fused kernel: context tokens per tile")
     p.add_argument("--split-tokens", type=int, default=0, help="fused kernel: tokens per split (0: heuristic)")
     p.add_argument("--num-warps", type=int, default=2, help="fused kernel: warps per program")
     p.add_argument("--num-stages", type=int, default=2, help="fused kernel: software pipeline stages")

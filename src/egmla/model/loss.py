@@ -84,7 +84,9 @@ def _forward(h, weight, targets, chunk_tokens, ignore_index, dtype, compile, nee
         bias[vocab:] = float("-inf")
     grad_h = torch.empty(hc.shape, dtype=h.dtype, device=h.device) if need_h else None
     grad_w = torch.zeros(w.shape, dtype=loss_dtype, device=w.device) if need_w else None
-    chunk_fn = _compiled_chunk() if compile else _chunk
+    # Inside a compiled graph the chunk's work is fused anyway; reading the lazily built global there would
+    # guard on it and recompile the whole graph once it is set.
+    chunk_fn = _compiled_chunk() if compile and not torch.compiler.is_compiling() else _chunk
     loss = torch.zeros((), dtype=loss_dtype, device=h.device)
     for start in range(0, hc.shape[0], chunk_tokens):
         end = start + chunk_tokens
