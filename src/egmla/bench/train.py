@@ -198,6 +198,8 @@ def run(args) -> int:
             rows.append(row | stamp)
             if rank_zero:
                 print(format_table(rows).splitlines()[-1], flush=True)
+                if args.csv:  # row by row: a run cut short keeps what it measured
+                    append_csv(args.csv, rows[-1:], CSV_COLUMNS)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     except ConfigError as exc:
@@ -212,6 +214,4 @@ def run(args) -> int:
     print(f"\n{args.size}, seq {args.seq}, batch {args.batch}/GPU, {gpus}{rows[0]['card']}, {args.steps} timed steps, "
           f"{args.loss} loss\n")  # fmt: skip
     print(format_table(rows))
-    if args.csv:
-        append_csv(args.csv, rows, CSV_COLUMNS)
     return 0
