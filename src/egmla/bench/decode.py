@@ -357,7 +357,8 @@ def add_parser(sub) -> None:
     p.add_argument("--check-rows", type=int, default=8, help="sequences compared against the unfused path")
     p.add_argument("--block-s", type=int, default=32, help="fused kernel: context tokens per tile")
     p.add_argument("--split-tokens", type=int, default=0, help="fused kernel: tokens per split (0: heuristic)")
-    p.add_argument("--num-warps", type=int, default=2, help="fused kernel: warps per program")
+    p.add_argument("--num-warps", type=int, default=0,
+                   help="fused kernel: warps per program (0: 2 for the gate table, 4 from the embedding)")  # fmt: skip
     p.add_argument("--num-stages", type=int, default=2, help="fused kernel: software pipeline stages")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
     p.add_argument("--csv", type=Path, default=None, help="append rows to this CSV file")
@@ -369,7 +370,7 @@ def run(args) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     kernels.OPTIONS.update(block_s=args.block_s, split_tokens=args.split_tokens or None,
-                           num_warps=args.num_warps, num_stages=args.num_stages)  # fmt: skip
+                           num_warps=args.num_warps or None, num_stages=args.num_stages)  # fmt: skip
     rows: list[dict] = []
     stamp = bench_stamp()
     try:

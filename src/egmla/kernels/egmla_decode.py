@@ -164,21 +164,29 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def default_split_tokens(batch: int, heads: int, s: int, block_s: int, device: torch.device) -> int:
-    """Enough splits for about 4 programs per SM, never fewer than 4 tiles nor more than 2048 tokens per split.
+def default_split_tokens(batch: int, heads: int, s: int, block_s: int, device: torch.device,
+                         cap: int = 2048) -> int:  # fmt: skip
+    """Enough splits for about 4 programs per SM, never fewer than 4 tiles nor more than `cap` tokens per split.
 
     The cap, measured on an H200 (120m, 16K context, 32-token tiles): batch 32 51.8 us per sequence-layer with
     2048-token splits vs 52.0 with 8192; batch 213 48.9 vs 57.6 with one split per sequence."""
     splits = max(1, -(-4 * _sm_count(device) // (batch * heads)))
-    return max(4 * block_s, min(2048, -(-s // splits)))
+    return max(4 * block_s, min(cap, -(-s // splits)))
+
+
+# Launch defaults per gate source (H200, 120m, 16K, batch 32, us per sequence-layer): the table's gathers run best
+# on 2 warps and 2048-token splits (51.8; 75.2 on 4 warps); recomputing the gate from the embedding, a larger
+# tensor-core product per tile, on 4 warps and 512-token splits (146.5 against 162.6 on 2 warps and 2048).
+LAUNCH = {"table": {"num_warps": 2, "split_cap": 2048}, "embedding": {"num_warps": 4, "split_cap": 512}}
 
 
 def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int = 32,
-                     split_tokens: int | None = None, num_warps: int = 2,
+                     split_tokens: int | None = None, num_warps: int | None = None,
                      num_stages: int = 2) -> torch.Tensor:  # fmt: skip
     """Attention output [B, H, d_v] of one new token per sequence; same arguments as reference.decode_attention.
 
     latent/k_rope/ids may be views of a longer cache (any batch and token strides; the last dim contiguous).
+    split_tokens and num_warps default by gate source (LAUNCH).
     """
     b, h, dn = q_nope.shape
     s, dc = latent.shape[1], latent.shape[2]
@@ -187,7 +195,9 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
     for name, t in (("latent", latent), ("k_rope", k_rope), ("ids", ids)):
         if t.stride(-1) != 1:
             raise ValueError(f"fused EG-MLA decode: {name} needs a contiguous last dimension")
-    split_tokens = split_tokens or default_split_tokens(b, h, s, block_s, latent.device)
+    launch = LAUNCH["table" if w.gate_rows is not None else "embedding"]
+    num_warps = num_warps or launch["num_warps"]
+    split_tokens = split_tokens or default_split_tokens(b, h, s, block_s, latent.device, launch["split_cap"])
     split, n_split = split_layout(s, block_s, split_tokens)
     o_split = torch.empty(b, h, n_split, dv, dtype=torch.float32, device=latent.device)
     lse_split = torch.empty(b, h, n_split, dtype=torch.float32, device=latent.device)
