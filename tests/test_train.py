@@ -145,6 +145,7 @@ def test_invalid_training_settings_are_config_errors(corpus, tmp_path):
         (["model.vocab_size=100"], "model.vocab_size=100 is smaller than tokenizer 'bytes'"),
         (["train.activation_checkpointing=some"], "train.activation_checkpointing='some' is invalid"),
         (["train.compile_scope=layers"], "train.compile_scope='layers' is invalid"),
+        (["train.fused_loss=yes"], "train.fused_loss='yes' is invalid"),
         (["trainer.strategy=deepspeed"], "trainer.strategy='deepspeed' is invalid"),
     ]:
         with pytest.raises(ConfigError, match=text.replace("(", r"\(").replace("[", r"\[")):
