@@ -56,8 +56,10 @@ bench: setup  ## training tok/s, MFU, memory per attention variant: the paper's 
 	$(BIN)/egmla-bench train --size 120m --seq 2048 --batch 16 --csv $(THROUGHPUT_CSV)
 
 bench-fsdp: setup  ## the ~1.2B EG-MLA on one GPU, then sharded over GPUS (default 4) with FSDP2 (appends to THROUGHPUT_CSV)
-	$(BIN)/egmla-bench train --size 1.2b --variants egmla --seq 2048 --batch 8 --csv $(THROUGHPUT_CSV)
-	$(BIN)/egmla-bench train --size 1.2b --variants egmla --seq 2048 --batch 8 --gpus $(GPUS) --csv $(THROUGHPUT_CSV)
+	$(BIN)/egmla-bench train --size 1.2b --variants egmla --seq 2048 --batch 8 --ac selective --compile-scope blocks \
+	    --csv $(THROUGHPUT_CSV)
+	$(BIN)/egmla-bench train --size 1.2b --variants egmla --seq 2048 --batch 8 --ac selective --no-reshard \
+	    --gpus $(GPUS) --csv $(THROUGHPUT_CSV)
 
 DECODE_CSV ?= experiments/decode/results.csv
 DECODE_CONTEXTS ?= 1024 4096 16384 32768
