@@ -239,3 +239,25 @@ def test_triton_kernel_under_the_interpreter_matches_the_reference():
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_zipf_ids_are_text_like_and_in_range():
+    """--ids zipf: P(id) ~ 1 / (id + 1) over GPT-2's vocabulary: the 500 lowest ids (1%) carry about
+    H(500) / H(50,257) = 6.79 / 11.4 = 60% of the tokens (uniform: 1%); every id is valid; seeded."""
+    vocab, n = 50257, 200_000
+    ids = bench.sample_ids(vocab, (4, n // 4), "zipf", torch.Generator().manual_seed(0), "cpu")
+    assert ids.shape == (4, n // 4) and ids.min() >= 0 and ids.max() < vocab
+    assert (ids < 500).float().mean().item() == pytest.approx(6.793 / 11.402, abs=0.01)
+    again = bench.sample_ids(vocab, (4, n // 4), "zipf", torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(ids, again)
+    uniform = bench.sample_ids(vocab, (n,), "uniform", torch.Generator().manual_seed(0), "cpu")
+    assert (uniform < 500).float().mean().item() == pytest.approx(500 / vocab, abs=0.003)
+
+
+def test_bench_decode_with_zipf_ids(tmp_path):
+    out = tmp_path / "decode.csv"
+    argv = ["decode", *TINY, "--context", "21", "--ids", "zipf", "--variants", "egmla", "egmla_fused",
+            "--csv", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    _, rows = _rows(out)
+    assert [r["variant"] for r in rows] == ["egmla", "egmla_fused_reference", "egmla_fused_emb_reference"]

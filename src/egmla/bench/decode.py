@@ -3,11 +3,12 @@
     egmla-bench decode --size 120m --context 1024 4096 16384 32768 --batch 32 --budget-gib 40 --max-batch-run 1024
     egmla-bench decode --size tiny --context 64 --batch 2 --steps 2 --warmup 1      # CPU smoke run
 
-For each variant and context length L: prefill L random token ids for every sequence of the batch for real
-(the model's forward with its decode cache, in chunks), check the cache's measured bytes against the analytic
-formula, then time the decode step at position L: one new token per sequence through the whole model (every
-layer and the output head). On a GPU the step is captured in a CUDA graph and replayed (same graph for every
-variant, so no variant pays Python or launch overhead) and timed with CUDA events; on CPU, wall clock.
+For each variant and context length L: prefill L random token ids (uniform, or text-like with --ids zipf) for
+every sequence of the batch for real (the model's forward with its decode cache, in chunks), check the cache's
+measured bytes against the analytic formula, then time the decode step at position L: one new token per
+sequence through the whole model (every layer and the output head). On a GPU the step is captured in a CUDA
+graph and replayed (same graph for every variant, so no variant pays Python or launch overhead) and timed with
+CUDA events; on CPU, wall clock.
 
 Variants: mha, gqa, mqa (SDPA over the cache), mla_absorbed (attention over the latent, MQA-style),
 egmla_latent_absorbed (EG-MLA gating the latent, MLA's absorbed path), egmla (gating the content, unfused:
@@ -119,8 +120,24 @@ def attention_set(model, name: str, value):
             setattr(attn, name, old)
 
 
+ID_DISTRIBUTIONS = ("uniform", "zipf")
+
+
+def sample_ids(vocab: int, shape: tuple[int, ...], distribution: str, generator: torch.Generator,
+               device) -> torch.Tensor:  # fmt: skip
+    """Random token ids [shape]: uniform over the vocabulary (every gate-table row as likely: the fused kernel's
+    worst case), or Zipf, P(id) proportional to 1 / (id + 1) (text-like: a few frequent tokens whose gate rows
+    can stay in L2; GPT-2's ids roughly follow merge frequency, so low ids are the frequent ones)."""
+    if distribution == "uniform":
+        return torch.randint(0, vocab, shape, generator=generator, device=device)
+    weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float32, device=device)
+    flat = torch.multinomial(weights, int(torch.tensor(shape).prod()), replacement=True, generator=generator)
+    return flat.view(shape)
+
+
 @torch.no_grad()
-def prefill(model, cache, context: int, rows_per_pass: int, chunk: int, generator: torch.Generator) -> None:
+def prefill(model, cache, context: int, rows_per_pass: int, chunk: int, generator: torch.Generator,
+            ids_distribution: str = "uniform") -> None:  # fmt: skip
     """Fill the cache with `context` random tokens per sequence by running the model over them for real.
 
     Absorbed variants prefill through the expanded path: the cache holds the same latent and RoPE key either
@@ -131,7 +148,7 @@ def prefill(model, cache, context: int, rows_per_pass: int, chunk: int, generato
     with attention_set(model, "absorb", False):
         for r0 in range(0, batch, rows_per_pass):
             r1 = min(batch, r0 + rows_per_pass)
-            ids = torch.randint(0, model.cfg.vocab_size, (r1 - r0, context), generator=generator, device=device)
+            ids = sample_ids(model.cfg.vocab_size, (r1 - r0, context), ids_distribution, generator, device)
             rows = cache_rows(cache, r0, r1)
             for s0 in range(0, context, chunk):
                 model(ids[:, s0 : s0 + chunk], rows)
@@ -244,11 +261,11 @@ def bench_row(model, name: str, size: str, context: int, batch: int, args, devic
     element = model.embed.weight.element_size()
     cache = model.new_cache(batch, context + 1)
     generator = torch.Generator(device).manual_seed(context)
-    prefill(model, cache, context, args.prefill_rows, args.prefill_chunk, generator)
+    prefill(model, cache, context, args.prefill_rows, args.prefill_chunk, generator, args.ids)
     measured, analytic = cache.kv_bytes(), batch * context * accounting.kv_bytes_per_token(cfg, element)
     if measured != analytic:
         raise BenchError(f"{name}: measured cache bytes {measured} != analytic {analytic} at context {context}")
-    next_ids = torch.randint(0, cfg.vocab_size, (batch, 1), generator=generator, device=device)
+    next_ids = sample_ids(cfg.vocab_size, (batch, 1), args.ids, generator, device)
     if name in GATE_SOURCE or name.endswith("_reference"):
         kernel, logits = check_fused(model, cache, next_ids, min(batch, args.check_rows))
         if not kernel < MATCH_TOLERANCE:
@@ -336,6 +353,12 @@ def add_parser(sub) -> None:
         default=0,
         metavar="CAP",
         help="also time each variant at its largest batch in the budget, capped at CAP (0: off)",
+    )
+    p.add_argument(
+        "--ids",
+        choices=ID_DISTRIBUTIONS,
+        default="uniform",
+        help="token ids of the context: uniform (every gate row alike) or zipf (text-like frequencies)",
     )
     p.add_argument(
         "--gate-source",
