@@ -50,6 +50,7 @@ def test_tiny_every_variant_trains_and_writes_results(corpus, tmp_path, attentio
     assert (saved["params"]["gate_tables"] > 0) == (attention == "egmla")
     assert 0 < saved["val"]["loss"] < 6 and 0 < saved["val"]["bpb"] < 9
     assert saved["train"]["tok_per_s"] > 0 and saved["git"]["commit"]
+    assert saved["train"]["checkpoint_s"] > 0  # the last checkpoint was written, and timed apart
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "environment.json").is_file()
 
@@ -211,6 +212,34 @@ def test_last_checkpoint_holds_the_final_step(corpus, tmp_path):
     run_training(overrides(corpus, tmp_path / "run", "train.max_steps=5", "train.ckpt_every=2"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 5
+
+
+def test_checkpoint_writes_are_left_out_of_throughput_windows():
+    """A 1.2B sharded checkpoint takes as long as ~150 steps: it must not pass for slow training."""
+    import time
+    from types import SimpleNamespace
+
+    from egmla.train.perf import Throughput
+
+    meter = Throughput(flops_per_token=1e9, tokens_per_batch=1000, log_every=2)
+    trainer = SimpleNamespace(world_size=1, global_step=0, fit_loop=SimpleNamespace(_should_accumulate=lambda: False))
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda *args, **kwargs: None)
+
+    def step(save_seconds=0.0):
+        meter.on_train_batch_start(trainer, module, None, 0)
+        time.sleep(0.01)
+        trainer.global_step += 1
+        meter.on_train_batch_end(trainer, module, None, None, 0)
+        if save_seconds:  # ModelCheckpoint runs after the other callbacks' on_train_batch_end
+            meter.on_save_checkpoint(trainer, module, {})
+            time.sleep(save_seconds)
+
+    for save in (0, 0.3, 0, 0, 0, 0.3):  # saves at steps 2 (closing window 1) and 6 (the last step)
+        step(save)
+    meter.on_train_end(trainer, module)
+    assert [tokens for tokens, _ in meter.windows] == [2000, 2000, 2000]
+    assert all(seconds < 0.15 for _, seconds in meter.windows), meter.windows
+    assert 0.6 <= meter.checkpoint_seconds < 0.9
 
 
 def test_mfu_uses_the_peak_seen_during_training():

@@ -223,6 +223,7 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
             "tokens": trainer.global_step * tokens_per_step,
             "tok_per_s": throughput.steady_tok_per_s,  # after the first log window (compilation, warm-up)
             "mfu": throughput.steady_mfu,
+            "checkpoint_s": throughput.checkpoint_seconds,  # checkpoint writes, left out of tok_per_s
             "devices": trainer.world_size,
             "resumed_from": str(prepared["resume"]) if prepared["resume"] else None,
         },

@@ -25,8 +25,10 @@ def peak_flops(device: torch.device) -> float | None:
 class Throughput(L.Callback):
     """Tokens per second (all ranks) over windows of `log_every` optimizer steps, and MFU.
 
-    A window is wall time between log points, data loading included and validation excluded; the GPU is
-    synchronised only at log points. results.json reports the steady state: every window but the first.
+    A window is wall time between log points, data loading included; validation and checkpoint writes are
+    excluded (the writes are counted apart in checkpoint_seconds: a 1.2B model's sharded checkpoint takes about
+    as long as 150 training steps). The GPU is synchronised only at log points. results.json reports the steady
+    state: every window but the first.
     """
 
     def __init__(self, flops_per_token: float, tokens_per_batch: int, log_every: int):
@@ -37,6 +39,8 @@ class Throughput(L.Callback):
         self.peak_flops_total: float | None = None  # all devices' bf16 peak, FLOP/s (None: no known peak)
         self._window_tokens = 0
         self._window_start: float | None = None
+        self.checkpoint_seconds = 0.0  # this process's time in checkpoint writes
+        self._save_start: float | None = None
 
     def _now(self, pl_module) -> float:
         if pl_module.device.type == "cuda":
@@ -47,22 +51,40 @@ class Throughput(L.Callback):
         # Recorded now: after fit, Lightning moves the module back to the CPU.
         self.peak_flops_total = (peak_flops(pl_module.device) or 0.0) * trainer.world_size or None
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # Lightning runs ModelCheckpoint after the other callbacks, so a save falls between two of our hooks:
+        # it has ended by the next one, which takes its time out of the window (with one batch's dequeue, ~0).
+        self._save_start = time.perf_counter()
+
+    def _leave_out_checkpoint(self) -> None:
+        if self._save_start is None:
+            return
+        seconds = time.perf_counter() - self._save_start
+        self.checkpoint_seconds += seconds
+        if self._window_start is not None:
+            self._window_start += seconds
+        self._save_start = None
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._leave_out_checkpoint()
         if self._window_start is None:
             self._window_start = self._now(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._leave_out_checkpoint()  # in case a checkpoint callback ran before this one
         self._window_tokens += self.tokens_per_batch * trainer.world_size
         if trainer.fit_loop._should_accumulate() or trainer.global_step % self.log_every:
             return
         self._close_window(pl_module)
 
     def on_validation_start(self, trainer, pl_module) -> None:
+        self._leave_out_checkpoint()
         if self._window_start is not None and self._window_tokens:
             self._close_window(pl_module, log=False)
         self._window_start = None
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._leave_out_checkpoint()
         if self._window_start is not None and self._window_tokens:
             self._close_window(pl_module, log=False)
 
