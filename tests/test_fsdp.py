@@ -154,3 +154,22 @@ def test_clipping_sharded_gradients_matches_torch(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_new_sharded_checkpoint_replaces_a_link_not_its_target(tmp_path):
+    """last.ckpt may link to a step's folder; writing the final step there must keep that step's folder."""
+    from egmla.train.fsdp import swap_in
+
+    step = tmp_path / "step0000004.ckpt"
+    step.mkdir()
+    (step / "shard").write_text("step 4")
+    last = tmp_path / "last.ckpt"
+    last.symlink_to(step.name)
+    for content in ("step 5", "step 6"):  # over the link, then over the folder it became
+        new = tmp_path / "last.ckpt.tmp"
+        new.mkdir()
+        (new / "shard").write_text(content)
+        swap_in(new, last)
+        assert not last.is_symlink() and (last / "shard").read_text() == content
+    assert (step / "shard").read_text() == "step 4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step0000004.ckpt"]

@@ -214,6 +214,23 @@ def test_last_checkpoint_holds_the_final_step(corpus, tmp_path):
     assert ckpt["global_step"] == 5
 
 
+def test_last_checkpoint_links_to_the_newest_instead_of_a_second_write(corpus, tmp_path):
+    """Each checkpoint is written once (a 1.2B one takes a minute); last.ckpt is a link to the newest, and a
+    resume that finds the link dangling (a stop between the write and the link) takes the newest checkpoint."""
+    from egmla.train.checkpoint import resolve_resume
+
+    folder = tmp_path / "run" / "checkpoints"
+    run_training(overrides(corpus, tmp_path / "run", "train.max_steps=4", "train.ckpt_every=2",
+                           "train.keep_checkpoints=1"))  # fmt: skip
+    last = folder / "last.ckpt"
+    assert last.is_symlink() and last.resolve() == (folder / "step0000004.ckpt").resolve()
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step0000004.ckpt"]
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    last.unlink()
+    last.symlink_to("step0000002.ckpt")  # removed already
+    assert resolve_resume("last", tmp_path / "run") == folder / "step0000004.ckpt"
+
+
 def test_checkpoint_writes_are_left_out_of_throughput_windows():
     """A 1.2B sharded checkpoint takes as long as ~150 steps: it must not pass for slow training."""
     import time

@@ -168,17 +168,23 @@ def fsdp2_strategy(**kwargs):
             super().save_checkpoint(checkpoint, tmp, storage_options)
             self.barrier()
             if self.global_rank == 0:
-                old = path.with_name(path.name + ".old")
-                if path.exists():
-                    os.replace(path, old)
-                os.replace(tmp, path)
-                if old.is_dir():
-                    shutil.rmtree(old)
-                elif old.exists():
-                    old.unlink()
+                swap_in(tmp, path)
             self.barrier()
 
     return FSDP2Strategy(save_distributed_checkpoint=True, **kwargs)
+
+
+def swap_in(folder: Path, path: Path) -> None:
+    """Put a complete checkpoint folder at `path`, replacing what is there: a folder, a file, or a link (last.ckpt
+    links to the newest step's folder; the link is replaced, never what it points to)."""
+    old = path.with_name(path.name + ".old")
+    if path.is_symlink() or path.exists():
+        os.replace(path, old)
+    os.replace(folder, path)
+    if old.is_symlink() or old.is_file():
+        old.unlink()
+    elif old.is_dir():
+        shutil.rmtree(old)
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

@@ -175,7 +175,7 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         save_top_k=t.keep_checkpoints,
         monitor="step",
         mode="max",
-        save_last=True,
+        save_last="link",  # last.ckpt links to the newest checkpoint: one write per save, not two
     )
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
