@@ -26,6 +26,7 @@ sequences and reported apart.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -131,7 +132,7 @@ def sample_ids(vocab: int, shape: tuple[int, ...], distribution: str, generator:
     if distribution == "uniform":
         return torch.randint(0, vocab, shape, generator=generator, device=device)
     weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float32, device=device)
-    flat = torch.multinomial(weights, int(torch.tensor(shape).prod()), replacement=True, generator=generator)
+    flat = torch.multinomial(weights, math.prod(shape), replacement=True, generator=generator)
     return flat.view(shape)
 
 

@@ -54,8 +54,7 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
         model.to(device)
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     fsdp.prepare_model(model, activation_checkpointing, compile, mesh, precision, reshard_after_forward, prefetch)
-    model.compile_loss = bool(compile)
-    loss_fn = torch.compile(cross_entropy) if compile else cross_entropy
+    loss_fn = torch.compile(cross_entropy) if compile and loss == "plain" else cross_entropy
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     vocab = model.cfg.vocab_size
     # Under FSDP2 the mixed-precision policy casts the parameters; autocast is for the unsharded model only.
@@ -64,13 +63,10 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
 
     def step() -> None:
         ids = torch.randint(0, vocab, (batch, seq + 1), device=device, generator=generator)
-        if loss == "fused":
-            with autocast:
-                value = model(ids[:, :-1], targets=ids[:, 1:])
-        else:
-            with autocast:
-                logits = model(ids[:, :-1])
-            value = loss_fn(logits, ids[:, 1:])
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        with autocast:
+            out = model(inputs, targets=targets) if loss == "fused" else model(inputs)
+        value = out if loss == "fused" else loss_fn(out, targets)
         value.backward()
         fsdp.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

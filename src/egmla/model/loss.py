@@ -4,6 +4,8 @@ exist, and the forward pass also computes the gradients, so the backward pass on
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -40,7 +42,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not (need_h or need_w):
         with torch.autocast(device_type, enabled=False):
             loss, *_ = _forward(h, weight, targets, chunk_tokens, ignore_index, dtype, compile, False, False)
-        return loss if reduction == "sum" else loss / (targets != ignore_index).sum()
+        return loss * _scale(targets, ignore_index, reduction, loss.dtype)
     return _LinearCrossEntropy.apply(h, weight, targets, reduction, chunk_tokens, ignore_index, dtype, compile,
                                      need_h, need_w)  # fmt: skip
 
@@ -51,8 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             loss, grad_h, grad_w = _forward(h, weight, targets, chunk_tokens, ignore_index, dtype, compile,
                                             need_h, need_w)  # fmt: skip
-            count = (targets != ignore_index).sum() if reduction == "mean" else torch.ones((), device=h.device)
-            scale = 1 / count.to(loss.dtype)
+            scale = _scale(targets, ignore_index, reduction, loss.dtype)
         ctx.save_for_backward(grad_h, grad_w, scale)
         ctx.h_shape, ctx.w_shape, ctx.w_dtype = h.shape, weight.shape, weight.dtype
         return loss * scale
@@ -66,6 +67,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = (grad_w[: ctx.w_shape[0]] * scale).to(ctx.w_dtype)  # without the padding rows
         return grad_h, grad_w, None, None, None, None, None, None, None, None
+
+
+def _scale(targets, ignore_index: int, reduction: str, dtype) -> torch.Tensor:
+    """What the summed loss is multiplied by: 1 / (valid targets) for the mean, 1 for the sum."""
+    if reduction == "sum":
+        return torch.ones((), dtype=dtype, device=targets.device)
+    return 1 / (targets != ignore_index).sum().to(dtype)
 
 
 def _forward(h, weight, targets, chunk_tokens, ignore_index, dtype, compile, need_h, need_w):
@@ -123,11 +131,6 @@ def _chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad:
     return loss, dlogits.to(logits.dtype)
 
 
-_compiled = None
-
-
+@functools.cache
 def _compiled_chunk():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_chunk)
-    return _compiled
+    return torch.compile(_chunk)

@@ -42,7 +42,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.compile_loss = False  # torch.compile the fused loss's per-chunk work (set by the trainer with compile)
+        self.compile_loss = False  # torch.compile the fused loss's per-chunk work (set by fsdp.prepare_model)
         self.reset_parameters()
 
     @torch.no_grad()

@@ -49,9 +49,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             )
         return None
     path = checkpoint_dir(run_dir) / "last.ckpt" if resume == "last" else Path(resume)
-    steps = [p for p in found if p.name != "last.ckpt"]
-    if resume == "last" and path.is_symlink() and not path.exists() and steps:
-        path = steps[-1]  # a stop between writing a checkpoint and linking last.ckpt to it: the newest one
+    if resume == "last" and path.is_symlink() and not path.exists():  # a stop between a write and its link
+        path = next((p for p in reversed(found) if p.name != "last.ckpt"), path)  # the newest checkpoint
     if not (path.is_file() or is_sharded_checkpoint(path)):
         hint = f"checkpoints there: {', '.join(p.name for p in found)}" if found else "start without resume"
         raise ConfigError(f"resume={resume}: no checkpoint at {path} ({hint})")

@@ -81,6 +81,7 @@ def prepare_model(model: Transformer, activation_checkpointing: str = "none", co
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         compile_model(model, "blocks" if mesh is not None else compile)
+        model.compile_loss = True  # the fused loss's per-chunk work, where no compiled graph holds it
     if mesh is not None:
         apply_fsdp2(model, mesh, precision, reshard_after_forward, prefetch)
 
