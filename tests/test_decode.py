@@ -223,10 +223,16 @@ for variant in ({"variant": "egmla"}, {"variant": "egmla", "gate_kv": "shared", 
             ids = torch.randint(0, 97, (b, s + 3), dtype=torch.int32)[:, :s]
             args = (q_nope, q_rope, latent, k_rope, ids, w)
             want = reference.decode_attention(*args).double()
-            for block_s, split in ((16, None), (16, 16), (32, 64)):
-                got = egmla_decode.decode_attention(*args, block_s=block_s, split_tokens=split).double()
+            for block_s, split, heads in ((16, None, 1), (16, 16, 2), (32, 64, 4)):
+                got = egmla_decode.decode_attention(*args, block_s=block_s, split_tokens=split,
+                                                    heads_per_program=heads).double()  # fmt: skip
                 error = ((got - want).norm() / want.norm()).item()
-                assert error < tolerance, (variant, dtype, source, block_s, split, error)
+                assert error < tolerance, (variant, dtype, source, block_s, split, heads, error)
+try:
+    egmla_decode.decode_attention(*args, heads_per_program=3)
+    raise SystemExit("3 heads per program of 4 heads was not refused")
+except ValueError as exc:
+    assert "heads_per_program=3" in str(exc), exc
 print("ok")
 """
 

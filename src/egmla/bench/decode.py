@@ -384,6 +384,9 @@ def add_parser(sub) -> None:
     p.add_argument("--num-warps", type=int, default=0,
                    help="fused kernel: warps per program (0: 2 for the gate table, 4 from the embedding)")  # fmt: skip
     p.add_argument("--num-stages", type=int, default=2, help="fused kernel: software pipeline stages")
+    p.add_argument("--heads-per-program", type=int, default=0,
+                   help="fused kernel: adjacent heads one program serves, sharing its latent and gate-row loads "
+                        "(0: by gate source)")  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
     p.add_argument("--csv", type=Path, default=None, help="append rows to this CSV file")
     p.set_defaults(run=run)
@@ -394,7 +397,8 @@ def run(args) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     kernels.OPTIONS.update(block_s=args.block_s, split_tokens=args.split_tokens or None,
-                           num_warps=args.num_warps or None, num_stages=args.num_stages)  # fmt: skip
+                           num_warps=args.num_warps or None, num_stages=args.num_stages,
+                           heads_per_program=args.heads_per_program or None)  # fmt: skip
     rows: list[dict] = []
     stamp = bench_stamp()
     try:

@@ -28,9 +28,9 @@ GATE_SOURCES = ("table", "embedding")
 BACKENDS = ("auto", "triton", "reference")
 
 # Tiling of both backends (context tokens per tile, tokens per split: None = the Triton heuristic, one split
-# for the reference) and the Triton launch (warps: None = by gate source, pipeline stages); egmla-bench decode
-# sets them.
-OPTIONS = {"block_s": 32, "split_tokens": None, "num_warps": None, "num_stages": 2}
+# for the reference) and the Triton launch (warps and heads per program: None = by gate source, pipeline
+# stages); egmla-bench decode sets them.
+OPTIONS = {"block_s": 32, "split_tokens": None, "num_warps": None, "num_stages": 2, "heads_per_program": None}
 
 
 def triton_available() -> bool:

@@ -1,11 +1,13 @@
 """Fused EG-MLA decode in Triton (flash-decoding): expand, gate, normalise and attend without writing K/V.
 
-Grid (head, split, sequence), heads fastest so the programs that share a latent tile run together and find
-it in L2. Each program walks its split of the context in tiles of BLOCK_S tokens and reads from memory only:
-the latent tile, the RoPE-key tile, the token ids and the gate's source rows (per-vocabulary gate table rows,
-or embedding rows recomputed through W_ue on tensor cores). k_nope and v come from tl.dot with W_uk[h]^T and
-W_uv[h]^T, are gated and normalised in fp32 registers and fold into an online softmax. A second small kernel
-merges the splits by their log-sum-exp. reference.py is the same algorithm in PyTorch.
+Grid (head group, split, sequence), head groups fastest so the programs that share a latent tile run together
+and find it in L2. A program serves HEADS adjacent heads (one tl.dot expands them all, and their gate columns
+are one contiguous stretch of each gate row) and walks its split of the context in tiles of BLOCK_S tokens,
+reading from memory only: the latent tile, the RoPE-key tile, the token ids and the gate's source rows
+(per-vocabulary gate table rows, or embedding rows recomputed through W_ue on tensor cores). k_nope and v come
+from tl.dot with W_uk^T and W_uv^T, are gated and normalised per head in fp32 registers and fold into an
+online softmax per head. A second small kernel merges the splits by their log-sum-exp. reference.py is the
+same algorithm in PyTorch.
 
 Importing this module imports triton: egmla.kernels does so only when the Triton backend is asked for.
 """
@@ -48,60 +50,66 @@ def _egmla_decode_split(
     S, split_tokens, n_split, scale, eps,
     s_qn_b, s_qn_h, s_qr_b, s_qr_h, s_lat_b, s_lat_s, s_kr_b, s_kr_s, s_ids_b, s_g_v, s_emb_v,
     H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, DC: tl.constexpr, GD: tl.constexpr,
-    GATE_H: tl.constexpr, BLOCK_S: tl.constexpr, FROM_TABLE: tl.constexpr, SHARED: tl.constexpr,
-    ACT_KIND: tl.constexpr, NORM_KIND: tl.constexpr, UPCAST: tl.constexpr,
+    GATE_H: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr, FROM_TABLE: tl.constexpr,
+    SHARED: tl.constexpr, ACT_KIND: tl.constexpr, NORM_KIND: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    h = tl.program_id(0)
-    split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    split = tl.program_id(1)
+    heads = tl.program_id(0) * HEADS + tl.arange(0, HEADS)  # this program's HEADS adjacent heads
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, DC)
     offs_n = tl.arange(0, DN)
     offs_v = tl.arange(0, DV)
     offs_r = tl.arange(0, DR)
+    # Flat column c of a [.., HEADS * D] tile is head c // D, dim c % D: one tl.dot expands every head at once.
+    flat_n = tl.arange(0, HEADS * DN)
+    flat_v = tl.arange(0, HEADS * DV)
+    head_n = tl.program_id(0) * HEADS + flat_n // DN
+    head_v = tl.program_id(0) * HEADS + flat_v // DV
 
-    qn = tl.load(QN + b * s_qn_b + h * s_qn_h + offs_n).to(tl.float32)
-    qr = tl.load(QR + b * s_qr_b + h * s_qr_h + offs_r).to(tl.float32)
-    # W_uk[h]^T [DC, DN] and W_uv[h]^T [DC, DV]: W_ukv is [H, DN + DV, DC], row-major.
-    w_head = W_UKV + h * (DN + DV) * DC
-    wuk_t = tl.load(w_head + offs_n[None, :] * DC + offs_c[:, None])
-    wuv_t = tl.load(w_head + (DN + offs_v[None, :]) * DC + offs_c[:, None])
+    qn = tl.load(QN + b * s_qn_b + heads[:, None] * s_qn_h + offs_n[None, :]).to(tl.float32)  # [HEADS, DN]
+    qr = tl.load(QR + b * s_qr_b + heads[:, None] * s_qr_h + offs_r[None, :]).to(tl.float32)  # [HEADS, DR]
+    # W_uk^T [DC, HEADS * DN] and W_uv^T [DC, HEADS * DV] of these heads: W_ukv is [H, DN + DV, DC], row-major.
+    wuk_t = tl.load(W_UKV + (head_n * (DN + DV) + flat_n % DN)[None, :] * DC + offs_c[:, None])
+    wuv_t = tl.load(W_UKV + (head_v * (DN + DV) + DN + flat_v % DV)[None, :] * DC + offs_c[:, None])
     # The norms fold into the score and the output: with x = k_nope * g_k, q . LayerNorm(x) =
     # rstd(x) * (sum(q w x) - mean(x) * sum(q w)) + q . b, and sum_t p_t LayerNorm(y_t) over values y_t =
     # w * (sum_t p_t rstd_t y_t - sum_t p_t rstd_t mean_t) + b * sum_t p_t: no normalised tile is ever formed.
     qk = qn
     if NORM_KIND != 0:
-        qk = qn * tl.load(KW + offs_n).to(tl.float32)
-    qk_sum = tl.sum(qk, axis=0)
-    qk_bias = 0.0
+        qk = qn * tl.load(KW + offs_n).to(tl.float32)[None, :]
+    qk_sum = tl.sum(qk, axis=1)  # [HEADS]
+    qk_bias = tl.zeros([HEADS], dtype=tl.float32)
     if NORM_KIND == 1:
-        qk_bias = tl.sum(qn * tl.load(KB + offs_n).to(tl.float32), axis=0)
-    if FROM_TABLE == 0:  # W_ue[h]^T slices [GD, DN], [GD, DV]: loaded once, reused by every tile
+        qk_bias = tl.sum(qn * tl.load(KB + offs_n).to(tl.float32)[None, :], axis=1)
+    # Gate columns of these heads in a gate row: head h's k gate at h * GATE_H, its v gate DN after (unless shared).
+    gate_k = head_n * GATE_H + flat_n % DN
+    gate_v = head_v * GATE_H + (1 - SHARED) * DN + flat_v % DV
+    if FROM_TABLE == 0:  # W_ue^T slices [GD, HEADS * DN], [GD, HEADS * DV]: loaded once, reused by every tile
         offs_g = tl.arange(0, GD)
-        w_ue = W_UE + h * GATE_H * GD
-        w_ue_k = tl.load(w_ue + offs_n[None, :] * GD + offs_g[:, None])
-        w_ue_v = tl.load(w_ue + (DN + offs_v[None, :]) * GD + offs_g[:, None])
+        w_ue_k = tl.load(W_UE + gate_k[None, :] * GD + offs_g[:, None])
+        w_ue_v = tl.load(W_UE + gate_v[None, :] * GD + offs_g[:, None])
 
-    m_i = -float("inf")
-    l_i = 0.0
-    shift = 0.0  # sum_t p_t rstd_t mean_t of the values (LayerNorm only)
-    acc = tl.zeros([DV], dtype=tl.float32)
+    m_i = tl.full([HEADS], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([HEADS], dtype=tl.float32)
+    shift = tl.zeros([HEADS], dtype=tl.float32)  # sum_t p_t rstd_t mean_t of the values (LayerNorm only)
+    acc = tl.zeros([HEADS, DV], dtype=tl.float32)
     start = split * split_tokens
     end = tl.minimum(start + split_tokens, S)
     for s0 in range(start, end, BLOCK_S):
         pos = s0 + offs_s
         valid = pos < end
         c = tl.load(LAT + b * s_lat_b + pos[:, None] * s_lat_s + offs_c[None, :], mask=valid[:, None], other=0.0)
-        x = _dot(c, wuk_t, UPCAST)  # k_nope [BLOCK_S, DN] fp32
-        y = _dot(c, wuv_t, UPCAST)  # v [BLOCK_S, DV] fp32
+        x = _dot(c, wuk_t, UPCAST)  # k_nope of every head [BLOCK_S, HEADS * DN] fp32
+        y = _dot(c, wuv_t, UPCAST)  # v [BLOCK_S, HEADS * DV] fp32
         tok = tl.load(IDS + b * s_ids_b + pos, mask=valid, other=0).to(tl.int64)
         if FROM_TABLE:
-            row = G + tok[:, None] * s_g_v + h * GATE_H
-            g_k = tl.load(row + offs_n[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            row = G + tok[:, None] * s_g_v
+            g_k = tl.load(row + gate_k[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             if SHARED:  # noqa: SIM108  (a static branch: Triton resolves it at compile time)
                 g_v = g_k
             else:
-                g_v = tl.load(row + DN + offs_v[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                g_v = tl.load(row + gate_v[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
         else:
             e = tl.load(EMB + tok[:, None] * s_emb_v + offs_g[None, :], mask=valid[:, None], other=0.0)
             g_k = _activate(_dot(e, w_ue_k, UPCAST), ACT_KIND)
@@ -109,40 +117,41 @@ def _egmla_decode_split(
                 g_v = g_k
             else:
                 g_v = _activate(_dot(e, w_ue_v, UPCAST), ACT_KIND)
-        x = x * g_k
-        y = y * g_v
-        score = tl.sum(x * qk[None, :], axis=1)
+        x = tl.reshape(x * g_k, [BLOCK_S, HEADS, DN])
+        y = tl.reshape(y * g_v, [BLOCK_S, HEADS, DV])
+        score = tl.sum(x * qk[None, :, :], axis=2)  # [BLOCK_S, HEADS]
         if NORM_KIND == 1:
-            mean = tl.sum(x, axis=1) / DN
-            rstd = tl.rsqrt(tl.maximum(tl.sum(x * x, axis=1) / DN - mean * mean, 0.0) + eps)
-            score = rstd * (score - mean * qk_sum) + qk_bias
+            mean = tl.sum(x, axis=2) / DN
+            rstd = tl.rsqrt(tl.maximum(tl.sum(x * x, axis=2) / DN - mean * mean, 0.0) + eps)
+            score = rstd * (score - mean * qk_sum[None, :]) + qk_bias[None, :]
         elif NORM_KIND == 2:
-            score = score * tl.rsqrt(tl.sum(x * x, axis=1) / DN + eps)
+            score = score * tl.rsqrt(tl.sum(x * x, axis=2) / DN + eps)
         k_r = tl.load(KR + b * s_kr_b + pos[:, None] * s_kr_s + offs_r[None, :], mask=valid[:, None], other=0.0)
-        score += tl.sum(k_r.to(tl.float32) * qr[None, :], axis=1)
-        score = tl.where(valid, score * scale, -float("inf"))
+        score += tl.sum(k_r.to(tl.float32)[:, None, :] * qr[None, :, :], axis=2)
+        score = tl.where(valid[:, None], score * scale, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(score, axis=0))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(score - m_new)
+        p = tl.exp(score - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, axis=0)
         coef = p
         if NORM_KIND == 1:
-            mean_v = tl.sum(y, axis=1) / DV
-            rstd_v = tl.rsqrt(tl.maximum(tl.sum(y * y, axis=1) / DV - mean_v * mean_v, 0.0) + eps)
+            mean_v = tl.sum(y, axis=2) / DV
+            rstd_v = tl.rsqrt(tl.maximum(tl.sum(y * y, axis=2) / DV - mean_v * mean_v, 0.0) + eps)
             coef = p * rstd_v
             shift = shift * alpha + tl.sum(coef * mean_v, axis=0)
         elif NORM_KIND == 2:
-            coef = p * tl.rsqrt(tl.sum(y * y, axis=1) / DV + eps)
-        acc = acc * alpha + tl.sum(coef[:, None] * y, axis=0)
+            coef = p * tl.rsqrt(tl.sum(y * y, axis=2) / DV + eps)
+        acc = acc * alpha[:, None] + tl.sum(coef[:, :, None] * y, axis=0)
         m_i = m_new
 
-    o = acc / l_i
+    o = acc / l_i[:, None]
     if NORM_KIND == 1:
-        o = (o - shift / l_i) * tl.load(VW + offs_v).to(tl.float32) + tl.load(VB + offs_v).to(tl.float32)
+        o = (o - (shift / l_i)[:, None]) * tl.load(VW + offs_v).to(tl.float32)[None, :]
+        o += tl.load(VB + offs_v).to(tl.float32)[None, :]
     elif NORM_KIND == 2:
-        o = o * tl.load(VW + offs_v).to(tl.float32)
-    out = (b * H + h) * n_split + split
-    tl.store(O_SPLIT + out * DV + offs_v, o)
+        o = o * tl.load(VW + offs_v).to(tl.float32)[None, :]
+    out = (b * H + heads) * n_split + split  # [HEADS]
+    tl.store(O_SPLIT + out[:, None] * DV + offs_v[None, :], o)
     tl.store(LSE_SPLIT + out, m_i + tl.log(l_i))
 
 
@@ -164,29 +173,33 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def default_split_tokens(batch: int, heads: int, s: int, block_s: int, device: torch.device,
+def default_split_tokens(batch: int, head_groups: int, s: int, block_s: int, device: torch.device,
                          cap: int = 2048) -> int:  # fmt: skip
-    """Enough splits for about 4 programs per SM, never fewer than 4 tiles nor more than `cap` tokens per split.
+    """Enough splits for about 4 programs per SM (a program per sequence, split and head group), never fewer than
+    4 tiles nor more than `cap` tokens per split.
 
     The cap, measured on an H200 (120m, 16K context, 32-token tiles): batch 32 51.8 us per sequence-layer with
     2048-token splits vs 52.0 with 8192; batch 213 48.9 vs 57.6 with one split per sequence."""
-    splits = max(1, -(-4 * _sm_count(device) // (batch * heads)))
+    splits = max(1, -(-4 * _sm_count(device) // (batch * head_groups)))
     return max(4 * block_s, min(cap, -(-s // splits)))
 
 
 # Launch defaults per gate source (H200, 120m, 16K, batch 32, us per sequence-layer): the table's gathers run best
 # on 2 warps and 2048-token splits (51.8; 75.2 on 4 warps); recomputing the gate from the embedding, a larger
 # tensor-core product per tile, on 4 warps and 512-token splits (146.5 against 162.6 on 2 warps and 2048).
-LAUNCH = {"table": {"num_warps": 2, "split_cap": 2048}, "embedding": {"num_warps": 4, "split_cap": 512}}
+LAUNCH = {
+    "table": {"num_warps": 2, "split_cap": 2048, "heads_per_program": 1},
+    "embedding": {"num_warps": 4, "split_cap": 512, "heads_per_program": 1},
+}
 
 
 def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int = 32,
-                     split_tokens: int | None = None, num_warps: int | None = None,
-                     num_stages: int = 2) -> torch.Tensor:  # fmt: skip
+                     split_tokens: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                     heads_per_program: int | None = None) -> torch.Tensor:  # fmt: skip
     """Attention output [B, H, d_v] of one new token per sequence; same arguments as reference.decode_attention.
 
     latent/k_rope/ids may be views of a longer cache (any batch and token strides; the last dim contiguous).
-    split_tokens and num_warps default by gate source (LAUNCH).
+    split_tokens, num_warps and heads_per_program (a power of two dividing H) default by gate source (LAUNCH).
     """
     b, h, dn = q_nope.shape
     s, dc = latent.shape[1], latent.shape[2]
@@ -197,7 +210,10 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
             raise ValueError(f"fused EG-MLA decode: {name} needs a contiguous last dimension")
     launch = LAUNCH["table" if w.gate_rows is not None else "embedding"]
     num_warps = num_warps or launch["num_warps"]
-    split_tokens = split_tokens or default_split_tokens(b, h, s, block_s, latent.device, launch["split_cap"])
+    heads = heads_per_program or launch["heads_per_program"]
+    if h % heads or heads & (heads - 1):
+        raise ValueError(f"fused EG-MLA decode: heads_per_program={heads} must be a power of two dividing {h} heads")
+    split_tokens = split_tokens or default_split_tokens(b, h // heads, s, block_s, latent.device, launch["split_cap"])
     split, n_split = split_layout(s, block_s, split_tokens)
     o_split = torch.empty(b, h, n_split, dv, dtype=torch.float32, device=latent.device)
     lse_split = torch.empty(b, h, n_split, dtype=torch.float32, device=latent.device)
@@ -210,15 +226,15 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
     kw, kb = (w.k_weight, w.k_bias) if w.k_weight is not None else (w_ukv, w_ukv)
     vw, vb = (w.v_weight, w.v_bias) if w.v_weight is not None else (w_ukv, w_ukv)
     kb, vb = (kb if kb is not None else w_ukv), (vb if vb is not None else w_ukv)
-    _egmla_decode_split[(h, n_split, b)](
+    _egmla_decode_split[(h // heads, n_split, b)](
         q_nope, q_rope, latent, k_rope, ids, w_ukv, g, emb, w_ue, kw, kb, vw, vb, o_split, lse_split,
         s, split, n_split, w.scale, w.eps,
         q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
         latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1), ids.stride(0),
         g.stride(0), emb.stride(0),
         H=h, DN=dn, DV=dv, DR=dr, DC=dc, GD=1 if from_table else emb.shape[1],
-        GATE_H=dn if w.shared else dn + dv, BLOCK_S=block_s,
-        FROM_TABLE=from_table, SHARED=w.shared, ACT_KIND=ACT[w.activation], NORM_KIND=NORM[w.norm],
+        GATE_H=dn if w.shared else dn + dv, HEADS=heads, BLOCK_S=block_s, FROM_TABLE=from_table,
+        SHARED=w.shared, ACT_KIND=ACT[w.activation], NORM_KIND=NORM[w.norm],
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _merge_splits[(b * h,)](
