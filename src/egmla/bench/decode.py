@@ -379,10 +379,11 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-rows", type=int, default=8, help="sequences per prefill pass")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill forward")
     p.add_argument("--check-rows", type=int, default=8, help="sequences compared against the unfused path")
-    p.add_argument("--block-s", type=int, default=32, help="fused kernel: context tokens per tile")
+    p.add_argument("--block-s", type=int, default=0,
+                   help="fused kernel: context tokens per tile (0: by gate source: 64 table, 32 emb.)")  # fmt: skip
     p.add_argument("--split-tokens", type=int, default=0, help="fused kernel: tokens per split (0: heuristic)")
     p.add_argument("--num-warps", type=int, default=0,
-                   help="fused kernel: warps per program (0: 2 for the gate table, 4 from the embedding)")  # fmt: skip
+                   help="fused kernel: warps per program (0: by gate source, 2 for both)")  # fmt: skip
     p.add_argument("--num-stages", type=int, default=2, help="fused kernel: software pipeline stages")
     p.add_argument("--heads-per-program", type=int, default=0,
                    help="fused kernel: adjacent heads one program serves, sharing its latent and gate-row loads "
@@ -396,7 +397,7 @@ def run(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    kernels.OPTIONS.update(block_s=args.block_s, split_tokens=args.split_tokens or None,
+    kernels.OPTIONS.update(block_s=args.block_s or None, split_tokens=args.split_tokens or None,
                            num_warps=args.num_warps or None, num_stages=args.num_stages,
                            heads_per_program=args.heads_per_program or None)  # fmt: skip
     rows: list[dict] = []

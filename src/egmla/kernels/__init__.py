@@ -27,10 +27,10 @@ from .reference import DecodeWeights
 GATE_SOURCES = ("table", "embedding")
 BACKENDS = ("auto", "triton", "reference")
 
-# Tiling of both backends (context tokens per tile, tokens per split: None = the Triton heuristic, one split
-# for the reference) and the Triton launch (warps and heads per program: None = by gate source, pipeline
-# stages); egmla-bench decode sets them.
-OPTIONS = {"block_s": 32, "split_tokens": None, "num_warps": None, "num_stages": 2, "heads_per_program": None}
+# Tiling of both backends (context tokens per tile: None = by gate source for Triton, 32 for the reference;
+# tokens per split: None = the Triton heuristic, one split for the reference) and the Triton launch (warps and
+# heads per program: None = by gate source, pipeline stages); egmla-bench decode sets them.
+OPTIONS = {"block_s": None, "split_tokens": None, "num_warps": None, "num_stages": 2, "heads_per_program": None}
 
 
 def triton_available() -> bool:
@@ -108,7 +108,7 @@ def fused_decode(attn, q_nope, q_rope, latent, k_rope, ids, gate_table) -> torch
         from . import egmla_decode  # imports triton
 
         return egmla_decode.decode_attention(q_nope, q_rope, latent, k_rope, ids, w, **OPTIONS)
-    tiling = {"block_s": OPTIONS["block_s"], "split_tokens": OPTIONS["split_tokens"]}
+    tiling = {"block_s": OPTIONS["block_s"] or 32, "split_tokens": OPTIONS["split_tokens"]}
     return reference.decode_attention(q_nope, q_rope, latent, k_rope, ids, w, **tiling)
 
 

@@ -184,22 +184,25 @@ def default_split_tokens(batch: int, head_groups: int, s: int, block_s: int, dev
     return max(4 * block_s, min(cap, -(-s // splits)))
 
 
-# Launch defaults per gate source (H200, 120m, 16K, batch 32, us per sequence-layer): the table's gathers run best
-# on 2 warps and 2048-token splits (51.8; 75.2 on 4 warps); recomputing the gate from the embedding, a larger
-# tensor-core product per tile, on 4 warps and 512-token splits (146.5 against 162.6 on 2 warps and 2048).
+# Launch defaults per gate source, measured on an H200 (120m, 16K context, batch 32, us per sequence-layer, commit
+# f54ead7; kernel alone / inside egmla-bench decode): gathering gate-table rows runs best in 64-token tiles on 2
+# warps (40.2 / 43.0, against 62.6 alone in 32-token tiles); recomputing the gate from the embedding in 32-token
+# tiles on 2 warps and 512-token splits (91.1 / 117.4, against 110.1 alone on 4 warps). Serving 2 or 4 heads per
+# program was slower for both (table: 49.8 and 53.5 at best).
 LAUNCH = {
-    "table": {"num_warps": 2, "split_cap": 2048, "heads_per_program": 1},
-    "embedding": {"num_warps": 4, "split_cap": 512, "heads_per_program": 1},
+    "table": {"block_s": 64, "num_warps": 2, "split_cap": 2048, "heads_per_program": 1},
+    "embedding": {"block_s": 32, "num_warps": 2, "split_cap": 512, "heads_per_program": 1},
 }
 
 
-def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int = 32,
+def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int | None = None,
                      split_tokens: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      heads_per_program: int | None = None) -> torch.Tensor:  # fmt: skip
     """Attention output [B, H, d_v] of one new token per sequence; same arguments as reference.decode_attention.
 
     latent/k_rope/ids may be views of a longer cache (any batch and token strides; the last dim contiguous).
-    split_tokens, num_warps and heads_per_program (a power of two dividing H) default by gate source (LAUNCH).
+    block_s, split_tokens, num_warps and heads_per_program (a power of two dividing H) default by gate source
+    (LAUNCH).
     """
     b, h, dn = q_nope.shape
     s, dc = latent.shape[1], latent.shape[2]
@@ -209,6 +212,7 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
         if t.stride(-1) != 1:
             raise ValueError(f"fused EG-MLA decode: {name} needs a contiguous last dimension")
     launch = LAUNCH["table" if w.gate_rows is not None else "embedding"]
+    block_s = block_s or launch["block_s"]
     num_warps = num_warps or launch["num_warps"]
     heads = heads_per_program or launch["heads_per_program"]
     if h % heads or heads & (heads - 1):
