@@ -223,7 +223,7 @@ for variant in ({"variant": "egmla"}, {"variant": "egmla", "gate_kv": "shared", 
             ids = torch.randint(0, 97, (b, s + 3), dtype=torch.int32)[:, :s]
             args = (q_nope, q_rope, latent, k_rope, ids, w)
             want = reference.decode_attention(*args).double()
-            for block_s, split, heads in ((16, None, 1), (16, 16, 2), (32, 64, 4)):
+            for block_s, split, heads in ((None, None, None), (16, None, 1), (16, 16, 2), (32, 64, 4)):
                 got = egmla_decode.decode_attention(*args, block_s=block_s, split_tokens=split,
                                                     heads_per_program=heads).double()  # fmt: skip
                 error = ((got - want).norm() / want.norm()).item()

@@ -178,8 +178,8 @@ def default_split_tokens(batch: int, head_groups: int, s: int, block_s: int, dev
     """Enough splits for about 4 programs per SM (a program per sequence, split and head group), never fewer than
     4 tiles nor more than `cap` tokens per split.
 
-    The cap, measured on an H200 (120m, 16K context, 32-token tiles): batch 32 51.8 us per sequence-layer with
-    2048-token splits vs 52.0 with 8192; batch 213 48.9 vs 57.6 with one split per sequence."""
+    The cap, measured on an H200 with the earlier kernel (120m, 16K context, 32-token tiles): batch 32 51.8 us per
+    sequence-layer with 2048-token splits vs 52.0 with 8192; batch 213 48.9 vs 57.6 with one split per sequence."""
     splits = max(1, -(-4 * _sm_count(device) // (batch * head_groups)))
     return max(4 * block_s, min(cap, -(-s // splits)))
 
