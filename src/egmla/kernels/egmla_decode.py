@@ -55,7 +55,8 @@ def _egmla_decode_split(
 ):  # fmt: skip
     b = tl.program_id(2).to(tl.int64)
     split = tl.program_id(1)
-    heads = tl.program_id(0) * HEADS + tl.arange(0, HEADS)  # this program's HEADS adjacent heads
+    first_head = tl.program_id(0) * HEADS
+    heads = first_head + tl.arange(0, HEADS)  # this program's HEADS adjacent heads
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, DC)
     offs_n = tl.arange(0, DN)
@@ -64,8 +65,8 @@ def _egmla_decode_split(
     # Flat column c of a [.., HEADS * D] tile is head c // D, dim c % D: one tl.dot expands every head at once.
     flat_n = tl.arange(0, HEADS * DN)
     flat_v = tl.arange(0, HEADS * DV)
-    head_n = tl.program_id(0) * HEADS + flat_n // DN
-    head_v = tl.program_id(0) * HEADS + flat_v // DV
+    head_n = first_head + flat_n // DN
+    head_v = first_head + flat_v // DV
 
     qn = tl.load(QN + b * s_qn_b + heads[:, None] * s_qn_h + offs_n[None, :]).to(tl.float32)  # [HEADS, DN]
     qr = tl.load(QR + b * s_qr_b + heads[:, None] * s_qr_h + offs_r[None, :]).to(tl.float32)  # [HEADS, DR]
