@@ -190,6 +190,16 @@ def test_bench_refuses_a_fused_result_that_does_not_match(tmp_path, monkeypatch,
     assert not out.exists()
 
 
+def test_bench_refuses_heads_per_program_that_does_not_divide_the_heads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(kernels, "OPTIONS", dict(kernels.OPTIONS))  # the run sets the launch options
+    out = tmp_path / "decode.csv"
+    argv = ["decode", *TINY, "--context", "12", "--variants", "mha", "egmla_fused", "--heads-per-program", "3",
+            "--csv", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    assert "--heads-per-program 3 must be a power of two dividing the model's 4 heads" in capsys.readouterr().err
+    assert out.read_text().count("\n") == 2  # header and the mha row measured before the refusal are kept
+
+
 def test_bench_refuses_cache_bytes_off_the_formula(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(accounting, "kv_bytes_per_token", lambda cfg, dtype="bf16": 1)
     out = tmp_path / "decode.csv"

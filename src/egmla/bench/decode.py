@@ -300,6 +300,10 @@ def bench_row(model, name: str, size: str, context: int, batch: int, args, devic
 def build(size: str, name: str, max_len: int, overrides: list[str], device, dtype, backend: str):
     """The variant's model on the device; fused variants get the fused decode. Returns (model, row name)."""
     cfg = compose([f"model={size}", *VARIANTS[name], f"model.max_seq_len={max_len}", *overrides])
+    heads = kernels.OPTIONS["heads_per_program"]
+    if name in GATE_SOURCE and heads and (cfg.model.n_heads % heads or heads & (heads - 1)):
+        raise ValueError(f"--heads-per-program {heads} must be a power of two dividing the model's "
+                         f"{cfg.model.n_heads} heads")  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg).to(device=device, dtype=dtype).eval()
     if name in GATE_SOURCE:
