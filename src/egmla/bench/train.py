@@ -41,7 +41,8 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
                   activation_checkpointing: str = "none", reshard_after_forward: bool = True,
                   prefetch: int = 0, loss: str = "fused") -> dict:  # fmt: skip
     cfg = compose([f"model={size}", f"attention={variant}", *overrides])
-    torch.compiler.reset()  # each variant compiles as in a process of its own, none behind earlier graphs' guards
+    if compile:  # each variant compiles as in a process of its own, none behind earlier graphs' guards
+        torch.compiler.reset()
     sharded = dist.is_initialized()
     world = dist.get_world_size() if sharded else 1
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..model import ConfigError
-from .run import EvalSettings, _check_int, check_tasks, evaluate_model, task_manager
+from .run import EvalSettings, check_int, check_tasks, evaluate_model, task_manager
 
 
 @contextlib.contextmanager
@@ -65,7 +65,7 @@ class PeriodicEval(L.Callback):
         settings = EvalSettings.from_dict(eval_cfg)
         settings.require_tasks()
         self.every_steps = every_steps if every_steps is not None else settings.every_steps
-        _check_int("every_steps", self.every_steps, minimum=1)
+        check_int("every_steps", self.every_steps, minimum=1)
         self.eval_cfg = dataclasses.asdict(settings) | {"device": "auto"}  # never move the training model
         self.manager = task_manager(settings)  # indexed once, reused at every evaluation
         check_tasks(self.manager, settings)

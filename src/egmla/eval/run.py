@@ -83,11 +83,11 @@ class EvalSettings:
                 "eval.average=[...] to the tasks averaged into avg_acc"
             )
         _check_limit(self.limit)
-        _check_int("num_fewshot", self.num_fewshot, minimum=0)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        _check_int("bootstrap_iters", self.bootstrap_iters, minimum=0)
+        check_int("num_fewshot", self.num_fewshot, minimum=0)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("bootstrap_iters", self.bootstrap_iters, minimum=0)
         if self.every_steps is not None:
-            _check_int("every_steps", self.every_steps, minimum=1)
+            check_int("every_steps", self.every_steps, minimum=1)
         if str(self.device).split(":")[0] not in DEVICES:
             raise ConfigError(f"eval.device={self.device!r} is invalid: expected auto, cpu, cuda, cuda:N or mps")
         if self.tasks and not self.include_defaults and not self.include_path:
@@ -123,7 +123,7 @@ def _str_list(value: Any, key: str) -> list[str]:
     return list(value)
 
 
-def _check_int(key: str, value: Any, minimum: int) -> None:
+def check_int(key: str, value: Any, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"eval.{key}={value!r} is invalid: expected an integer >= {minimum}")
 

@@ -44,6 +44,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def check_heads_per_program(heads: int, n_heads: int, label: str) -> None:
+    """Raise a one-line ValueError unless `heads` (the kernel's heads per program) is a power of two dividing
+    n_heads; `label` names the setting in the message."""
+    if n_heads % heads or heads & (heads - 1):
+        raise ValueError(f"{label} must be a power of two dividing the model's {n_heads} heads")
+
+
 def check_supported(attn, gate_source: str, backend: str) -> None:
     """Raise a one-line ValueError when the fused decode cannot serve this attention layer."""
     fallback = "decode with the unfused path (do not enable the fused decode)"

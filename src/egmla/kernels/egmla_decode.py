@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import check_heads_per_program
 from .reference import DecodeWeights, split_layout
 
 ACT = {"none": 0, "sigmoid": 1, "silu": 2}
@@ -216,8 +217,7 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
     block_s = block_s or launch["block_s"]
     num_warps = num_warps or launch["num_warps"]
     heads = heads_per_program or launch["heads_per_program"]
-    if h % heads or heads & (heads - 1):
-        raise ValueError(f"fused EG-MLA decode: heads_per_program={heads} must be a power of two dividing {h} heads")
+    check_heads_per_program(heads, h, f"fused EG-MLA decode: heads_per_program={heads}")
     split_tokens = split_tokens or default_split_tokens(b, h // heads, s, block_s, latent.device, launch["split_cap"])
     split, n_split = split_layout(s, block_s, split_tokens)
     o_split = torch.empty(b, h, n_split, dv, dtype=torch.float32, device=latent.device)
