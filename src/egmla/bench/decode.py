@@ -383,11 +383,12 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill forward")
     p.add_argument("--check-rows", type=int, default=8, help="sequences compared against the unfused path")
     p.add_argument("--block-s", type=int, default=0,
-                   help="fused kernel: context tokens per tile (0: by gate source: 64 table, 32 emb.)")  # fmt: skip
+                   help="fused kernel: context tokens per tile (0: by gate source, 64 for both)")  # fmt: skip
     p.add_argument("--split-tokens", type=int, default=0, help="fused kernel: tokens per split (0: heuristic)")
     p.add_argument("--num-warps", type=int, default=0,
-                   help="fused kernel: warps per program (0: by gate source, 2 for both)")  # fmt: skip
-    p.add_argument("--num-stages", type=int, default=2, help="fused kernel: software pipeline stages")
+                   help="fused kernel: warps per program (0: by gate source: 2 table, 4 embedding)")  # fmt: skip
+    p.add_argument("--num-stages", type=int, default=0,
+                   help="fused kernel: software pipeline stages (0: by gate source: 2 table, 1 embedding)")  # fmt: skip
     p.add_argument("--heads-per-program", type=int, default=0,
                    help="fused kernel: adjacent heads one program serves, sharing its latent and gate-row loads "
                         "(0: by gate source)")  # fmt: skip
@@ -401,7 +402,7 @@ def run(args) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     kernels.OPTIONS.update(block_s=args.block_s or None, split_tokens=args.split_tokens or None,
-                           num_warps=args.num_warps or None, num_stages=args.num_stages,
+                           num_warps=args.num_warps or None, num_stages=args.num_stages or None,
                            heads_per_program=args.heads_per_program or None)  # fmt: skip
     rows: list[dict] = []
     stamp = bench_stamp()

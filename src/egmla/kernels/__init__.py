@@ -29,8 +29,8 @@ BACKENDS = ("auto", "triton", "reference")
 
 # Tiling of both backends (context tokens per tile: None = by gate source for Triton, 32 for the reference;
 # tokens per split: None = the Triton heuristic, one split for the reference) and the Triton launch (warps and
-# heads per program: None = by gate source, pipeline stages); egmla-bench decode sets them.
-OPTIONS = {"block_s": None, "split_tokens": None, "num_warps": None, "num_stages": 2, "heads_per_program": None}
+# pipeline stages and heads per program: None = by gate source); egmla-bench decode sets them.
+OPTIONS = {"block_s": None, "split_tokens": None, "num_warps": None, "num_stages": None, "heads_per_program": None}
 
 
 def triton_available() -> bool:

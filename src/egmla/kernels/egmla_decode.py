@@ -6,8 +6,8 @@ are one contiguous stretch of each gate row) and walks its split of the context 
 reading from memory only: the latent tile, the RoPE-key tile, the token ids and the gate's source rows
 (per-vocabulary gate table rows, or embedding rows recomputed through W_ue on tensor cores). k_nope and v come
 from tl.dot with W_uk^T and W_uv^T, are gated and normalised per head in fp32 registers and fold into an
-online softmax per head. A second small kernel merges the splits by their log-sum-exp. reference.py is the
-same algorithm in PyTorch.
+online softmax per head; the softmax-weighted sum of the values is one more tl.dot. A second small kernel
+merges the splits by their log-sum-exp. reference.py is the same algorithm in PyTorch.
 
 Importing this module imports triton: egmla.kernels does so only when the Triton backend is asked for.
 """
@@ -51,7 +51,8 @@ def _egmla_decode_split(
     S, split_tokens, n_split, scale, eps,
     s_qn_b, s_qn_h, s_qr_b, s_qr_h, s_lat_b, s_lat_s, s_kr_b, s_kr_s, s_ids_b, s_g_v, s_emb_v,
     H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, DC: tl.constexpr, GD: tl.constexpr,
-    GATE_H: tl.constexpr, HEADS: tl.constexpr, BLOCK_S: tl.constexpr, FROM_TABLE: tl.constexpr,
+    GATE_H: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, FROM_TABLE: tl.constexpr,
+    IDS32: tl.constexpr, VALUES_FP16: tl.constexpr,
     SHARED: tl.constexpr, ACT_KIND: tl.constexpr, NORM_KIND: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(2).to(tl.int64)
@@ -94,24 +95,31 @@ def _egmla_decode_split(
 
     m_i = tl.full([HEADS], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([HEADS], dtype=tl.float32)
-    shift = tl.zeros([HEADS], dtype=tl.float32)  # sum_t p_t rstd_t mean_t of the values (LayerNorm only)
-    acc = tl.zeros([HEADS, DV], dtype=tl.float32)
+    # The values' weighted sum runs on tensor cores, which need 16 rows: row r < HEADS of `acc` is head r's, in
+    # that head's own DV columns (the other columns and rows are never read).
+    rows = tl.arange(0, ROWS)
+    own_row = rows[:, None] == tl.arange(0, HEADS)[None, :]  # [ROWS, HEADS]
+    acc = tl.zeros([ROWS, HEADS * DV], dtype=tl.float32)
     start = split * split_tokens
     end = tl.minimum(start + split_tokens, S)
+    tok_next = tl.load(IDS + b * s_ids_b + start + offs_s, mask=start + offs_s < end, other=0)
     for s0 in range(start, end, BLOCK_S):
         pos = s0 + offs_s
         valid = pos < end
-        c = tl.load(LAT + b * s_lat_b + pos[:, None] * s_lat_s + offs_c[None, :], mask=valid[:, None], other=0.0)
-        x = _dot(c, wuk_t, UPCAST)  # k_nope of every head [BLOCK_S, HEADS * DN] fp32
-        y = _dot(c, wuv_t, UPCAST)  # v [BLOCK_S, HEADS * DV] fp32
-        tok = tl.load(IDS + b * s_ids_b + pos, mask=valid, other=0).to(tl.int64)
+        # The gate first, so its gather (or recompute) is in flight while the latent expands; this tile's ids were
+        # loaded during the previous tile. Gate-table rows stay bf16 until multiplied (fewer registers).
+        if IDS32:  # noqa: SIM108  (static)
+            tok = tok_next.to(tl.int32)
+        else:
+            tok = tok_next.to(tl.int64)
+        tok_next = tl.load(IDS + b * s_ids_b + pos + BLOCK_S, mask=pos + BLOCK_S < end, other=0)
         if FROM_TABLE:
             row = G + tok[:, None] * s_g_v
-            g_k = tl.load(row + gate_k[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            g_k = tl.load(row + gate_k[None, :], mask=valid[:, None], other=0.0)
             if SHARED:  # noqa: SIM108  (a static branch: Triton resolves it at compile time)
                 g_v = g_k
             else:
-                g_v = tl.load(row + gate_v[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                g_v = tl.load(row + gate_v[None, :], mask=valid[:, None], other=0.0)
         else:
             e = tl.load(EMB + tok[:, None] * s_emb_v + offs_g[None, :], mask=valid[:, None], other=0.0)
             g_k = _activate(_dot(e, w_ue_k, UPCAST), ACT_KIND)
@@ -119,8 +127,8 @@ def _egmla_decode_split(
                 g_v = g_k
             else:
                 g_v = _activate(_dot(e, w_ue_v, UPCAST), ACT_KIND)
-        x = tl.reshape(x * g_k, [BLOCK_S, HEADS, DN])
-        y = tl.reshape(y * g_v, [BLOCK_S, HEADS, DV])
+        c = tl.load(LAT + b * s_lat_b + pos[:, None] * s_lat_s + offs_c[None, :], mask=valid[:, None], other=0.0)
+        x = tl.reshape(_dot(c, wuk_t, UPCAST) * g_k, [BLOCK_S, HEADS, DN])  # gated k_nope of every head, fp32
         score = tl.sum(x * qk[None, :, :], axis=2)  # [BLOCK_S, HEADS]
         if NORM_KIND == 1:
             mean = tl.sum(x, axis=2) / DN
@@ -135,23 +143,30 @@ def _egmla_decode_split(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(score - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, axis=0)
+        # The values only now, after the score: fewer registers live at once.
+        y = tl.reshape(_dot(c, wuv_t, UPCAST) * g_v, [BLOCK_S, HEADS, DV])
         coef = p
         if NORM_KIND == 1:
             mean_v = tl.sum(y, axis=2) / DV
-            rstd_v = tl.rsqrt(tl.maximum(tl.sum(y * y, axis=2) / DV - mean_v * mean_v, 0.0) + eps)
-            coef = p * rstd_v
-            shift = shift * alpha + tl.sum(coef * mean_v, axis=0)
+            coef = p * tl.rsqrt(tl.maximum(tl.sum(y * y, axis=2) / DV - mean_v * mean_v, 0.0) + eps)
+            y = y - mean_v[:, :, None]  # centred: the fp16 operands below then carry no large common mean
         elif NORM_KIND == 2:
             coef = p * tl.rsqrt(tl.sum(y * y, axis=2) / DV + eps)
-        acc = acc * alpha[:, None] + tl.sum(coef[:, :, None] * y, axis=0)
+        # acc[r] += sum_t coef[t, r] y[t] as one [ROWS, BLOCK_S] @ [BLOCK_S, HEADS * DV] product, fp32 out.
+        a = tl.sum(tl.where(own_row[:, None, :], coef[None, :, :], 0.0), axis=2)  # [ROWS, BLOCK_S]
+        alpha_rows = tl.sum(tl.where(own_row, alpha[None, :], 0.0), axis=1)  # [ROWS]
+        y = tl.reshape(y, [BLOCK_S, HEADS * DV])
+        if VALUES_FP16:  # 16-bit caches: fp16 operands (3 more mantissa bits than bf16); fp32 caches stay fp32
+            a, y = a.to(tl.float16), y.to(tl.float16)
+        acc = acc * alpha_rows[:, None] + _dot(a, y, UPCAST)
         m_i = m_new
 
+    acc = tl.sum(tl.where(own_row[:, :, None], tl.reshape(acc, [ROWS, HEADS, DV]), 0.0), axis=0)  # [HEADS, DV]
     o = acc / l_i[:, None]
-    if NORM_KIND == 1:
-        o = (o - (shift / l_i)[:, None]) * tl.load(VW + offs_v).to(tl.float32)[None, :]
-        o += tl.load(VB + offs_v).to(tl.float32)[None, :]
-    elif NORM_KIND == 2:
+    if NORM_KIND != 0:
         o = o * tl.load(VW + offs_v).to(tl.float32)[None, :]
+    if NORM_KIND == 1:
+        o += tl.load(VB + offs_v).to(tl.float32)[None, :]
     out = (b * H + heads) * n_split + split  # [HEADS]
     tl.store(O_SPLIT + out[:, None] * DV + offs_v[None, :], o)
     tl.store(LSE_SPLIT + out, m_i + tl.log(l_i))
@@ -186,25 +201,26 @@ def default_split_tokens(batch: int, head_groups: int, s: int, block_s: int, dev
     return max(4 * block_s, min(cap, -(-s // splits)))
 
 
-# Launch defaults per gate source, measured on an H200 (120m, 16K context, batch 32, us per sequence-layer, commit
-# f54ead7; kernel alone / inside egmla-bench decode): gathering gate-table rows runs best in 64-token tiles on 2
-# warps (40.2 / 43.0, against 62.6 alone in 32-token tiles); recomputing the gate from the embedding in 32-token
-# tiles on 2 warps and 512-token splits (91.1 / 117.4, against 110.1 alone on 4 warps). Serving 2 or 4 heads per
-# program was slower for both (table: 49.8 and 53.5 at best).
+# Launch defaults per gate source, measured on an H200 with this kernel (120m, 16K context, batch 32, kernel
+# alone, us per sequence-layer; .gpu-style candidate sweeps at fc328f7): table rows in 64-token tiles on 2 warps,
+# 2 stages (28.6 with the values' sum on tensor cores, 29.8 without; 64-token tiles on 4 warps 31.4, 128 on 4
+# warps 37.2); the embedding in 64-token tiles on 4 warps, 1 stage, 512-token splits (63.0; 32-token tiles on
+# 2 warps 77.7). The kernel before (gate after the latent, fp32 gate rows, values summed in registers): 40.5
+# and 92.1. Serving 2 or 4 heads per program was slower on that kernel (table: 49.8 and 53.5 at best).
 LAUNCH = {
-    "table": {"block_s": 64, "num_warps": 2, "split_cap": 2048, "heads_per_program": 1},
-    "embedding": {"block_s": 32, "num_warps": 2, "split_cap": 512, "heads_per_program": 1},
+    "table": {"block_s": 64, "num_warps": 2, "num_stages": 2, "split_cap": 2048, "heads_per_program": 1},
+    "embedding": {"block_s": 64, "num_warps": 4, "num_stages": 1, "split_cap": 512, "heads_per_program": 1},
 }
 
 
 def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int | None = None,
-                     split_tokens: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                     split_tokens: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                      heads_per_program: int | None = None) -> torch.Tensor:  # fmt: skip
     """Attention output [B, H, d_v] of one new token per sequence; same arguments as reference.decode_attention.
 
     latent/k_rope/ids may be views of a longer cache (any batch and token strides; the last dim contiguous).
-    block_s, split_tokens, num_warps and heads_per_program (a power of two dividing H) default by gate source
-    (LAUNCH).
+    block_s, split_tokens, num_warps, num_stages and heads_per_program (a power of two dividing H) default by
+    gate source (LAUNCH).
     """
     b, h, dn = q_nope.shape
     s, dc = latent.shape[1], latent.shape[2]
@@ -216,6 +232,7 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
     launch = LAUNCH["table" if w.gate_rows is not None else "embedding"]
     block_s = block_s or launch["block_s"]
     num_warps = num_warps or launch["num_warps"]
+    num_stages = num_stages or launch["num_stages"]
     heads = heads_per_program or launch["heads_per_program"]
     check_heads_per_program(heads, h, f"fused EG-MLA decode: heads_per_program={heads}")
     split_tokens = split_tokens or default_split_tokens(b, h // heads, s, block_s, latent.device, launch["split_cap"])
@@ -231,6 +248,8 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
     kw, kb = (w.k_weight, w.k_bias) if w.k_weight is not None else (w_ukv, w_ukv)
     vw, vb = (w.v_weight, w.v_bias) if w.v_weight is not None else (w_ukv, w_ukv)
     kb, vb = (kb if kb is not None else w_ukv), (vb if vb is not None else w_ukv)
+    source = g if from_table else emb
+    ids32 = source.shape[0] * source.stride(0) < 2**31  # row offsets fit int32: cheaper address arithmetic
     _egmla_decode_split[(h // heads, n_split, b)](
         q_nope, q_rope, latent, k_rope, ids, w_ukv, g, emb, w_ue, kw, kb, vw, vb, o_split, lse_split,
         s, split, n_split, w.scale, w.eps,
@@ -238,7 +257,8 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
         latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1), ids.stride(0),
         g.stride(0), emb.stride(0),
         H=h, DN=dn, DV=dv, DR=dr, DC=dc, GD=1 if from_table else emb.shape[1],
-        GATE_H=dn if w.shared else dn + dv, HEADS=heads, BLOCK_S=block_s, FROM_TABLE=from_table,
+        GATE_H=dn if w.shared else dn + dv, HEADS=heads, ROWS=max(16, heads), BLOCK_S=block_s,
+        FROM_TABLE=from_table, IDS32=ids32, VALUES_FP16=latent.dtype != torch.float32,
         SHARED=w.shared, ACT_KIND=ACT[w.activation], NORM_KIND=NORM[w.norm],
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

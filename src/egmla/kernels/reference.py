@@ -92,15 +92,14 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
     q_nope, q_rope = q_nope.to(f), q_rope.to(f)
     # The norms fold into the score and the output (no normalised tile is formed): with x = k_nope * g_k,
     # q . LayerNorm(x) = rstd(x) * (sum(q w x) - mean(x) * sum(q w)) + q . b, and the softmax-weighted sum of
-    # LayerNorm(y_t) over values y_t = w * (sum_t p_t rstd_t y_t - sum_t p_t rstd_t mean_t) + b * sum_t p_t.
+    # LayerNorm(y_t) over values y_t = w * sum_t p_t rstd_t (y_t - mean_t) + b * sum_t p_t.
     qk = q_nope * w.k_weight.to(f) if w.norm != "none" else q_nope
     qk_sum = qk.sum(-1)
     qk_bias = (q_nope * w.k_bias.to(f)).sum(-1) if w.norm == "layernorm" else 0.0
 
-    # Running max, sum, value shift and (unnormalised) output of every (sequence, head, split).
+    # Running max, sum and (unnormalised) output of every (sequence, head, split).
     m = torch.full((b, h, n_split), float("-inf"), dtype=f, device=latent.device)
     l = torch.zeros(b, h, n_split, dtype=f, device=latent.device)
-    shift = torch.zeros(b, h, n_split, dtype=f, device=latent.device)
     acc = torch.zeros(b, h, n_split, w.d_v, dtype=f, device=latent.device)
     lane = torch.arange(block_s, device=latent.device)
     for t0 in range(0, split, block_s):  # all splits advance together, one tile at a time
@@ -128,16 +127,16 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
         if w.norm == "layernorm":
             mean_v = y.mean(-1)
             coef = p * torch.rsqrt(((y * y).mean(-1) - mean_v * mean_v).clamp_min(0) + w.eps)
-            shift = shift * alpha + (coef * mean_v).sum(-1)
+            y = y - mean_v[..., None]
         elif w.norm == "rmsnorm":
             coef = p * torch.rsqrt((y * y).mean(-1) + w.eps)
         acc = acc * alpha[..., None] + torch.einsum("bhnt,bhntv->bhnv", coef, y)
         m = m_new
     out = acc / l[..., None]
-    if w.norm == "layernorm":
-        out = (out - (shift / l)[..., None]) * w.v_weight.to(f) + w.v_bias.to(f)
-    elif w.norm == "rmsnorm":
+    if w.norm != "none":
         out = out * w.v_weight.to(f)
+    if w.norm == "layernorm":
+        out = out + w.v_bias.to(f)
     return merge_splits(out, m + torch.log(l)).to(latent.dtype)
 
 
