@@ -202,7 +202,7 @@ def default_split_tokens(batch: int, head_groups: int, s: int, block_s: int, dev
 
 
 # Launch defaults per gate source, measured on an H200 with this kernel (120m, 16K context, batch 32, kernel
-# alone, us per sequence-layer; .gpu-style candidate sweeps at fc328f7): table rows in 64-token tiles on 2 warps,
+# alone, us per sequence-layer; experiments/decode/kernel_costs.py): table rows in 64-token tiles on 2 warps,
 # 2 stages (28.6 with the values' sum on tensor cores, 29.8 without; 64-token tiles on 4 warps 31.4, 128 on 4
 # warps 37.2); the embedding in 64-token tiles on 4 warps, 1 stage, 512-token splits (63.0; 32-token tiles on
 # 2 warps 77.7). The kernel before (gate after the latent, fp32 gate rows, values summed in registers): 40.5
