@@ -1,5 +1,5 @@
-"""experiments/decode/kernel_costs.py: every source edit its README commands name applies to the kernel it edits
-and leaves valid Python (timing the edited kernels needs a GPU; this needs neither a GPU nor triton)."""
+"""experiments/decode/kernel_costs.py: every source edit of its sweeps applies to the kernel it edits and leaves
+valid Python (timing the edited kernels needs a GPU; this needs neither a GPU nor triton)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,12 @@ def test_every_edit_applies_to_the_kernel_it_names():
             compile(text, f"{sweep}: {label}", "exec")
     current = tool.kernel_source(None)
     assert "LAUNCHED = _egmla_decode_split" in current  # registers and spills are read from the launch
-    compile(current, "working tree", "exec")
+    for label, (edits, _) in tool.SWEEPS["current"].items():  # these name lines of the working tree's kernel
+        text = current
+        for edit in edits:
+            text = edit(text)
+        assert text != current, label
+        compile(text, f"current: {label}", "exec")
 
 
 def test_an_edit_that_finds_no_line_says_which():

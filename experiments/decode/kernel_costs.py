@@ -7,9 +7,11 @@ shapes is the yardstick. Needs a GPU; TRITON_INTERPRET=1 runs a CPU smoke pass o
     python experiments/decode/kernel_costs.py --base fc328f7 --sweep ablations candidates
     python experiments/decode/kernel_costs.py --base fc328f7 --sweep combinations restructured
     python experiments/decode/kernel_costs.py --sweep launches --size 1.2b --batch 8 --sources embedding
+    python experiments/decode/kernel_costs.py --sweep current     # the current kernel's costs and next candidates
 
---base: the git revision whose kernel is edited (default: the working tree's). The edits name lines of the
-kernel at fc328f7, the kernel before the restructure of 522d6a9 that these sweeps chose; the launches sweep
+--base: the git revision whose kernel is edited (default: the working tree's). The edits of the ablations,
+candidates, combinations and restructured sweeps name lines of the kernel at fc328f7, the kernel before the
+restructure of 522d6a9 that they chose; those of the current sweep name lines of 522d6a9's; the launches sweep
 needs no edit and times any revision. Results: experiments/decode/README.md, "The kernel's costs".
 """
 
@@ -190,6 +192,41 @@ def ablations(prefix: str, base: list) -> dict:
     }
 
 
+def current_ablations() -> dict:
+    """Ablations of the restructured kernel (522d6a9 onwards)."""
+    x, y = "_dot(c, wuk_t, UPCAST)", "_dot(c, wuv_t, UPCAST)"
+    rope = "score += tl.sum(k_r.to(tl.float32)[:, None, :] * qr[None, :, :], axis=2)"
+    pv = "acc = acc * alpha_rows[:, None] + _dot(a, y, UPCAST)"
+    in_order = replace("row = G + tok[:, None] * s_g_v", "row = G + pos[:, None].to(tl.int64) * s_g_v")
+    return {
+        "ablation: no gate (no gate loads, no products)": [replace(f"{x} * g_k", x), replace(f"{y} * g_v", y)],
+        "ablation: no expansion dots (x = y = latent)": [
+            replace(x, "c.to(tl.float32)"),
+            replace(y, "c.to(tl.float32)"),
+        ],
+        "ablation: no LayerNorm folding": [replace("NORM_KIND=NORM[w.norm]", "NORM_KIND=0")],
+        "ablation: no RoPE key": [replace(rope, "")],
+        "ablation: no value accumulation": [replace(pv, "acc = acc * alpha_rows[:, None]")],
+        "ablation: gate rows read in order (no random gather)": [in_order],
+    }
+
+
+def rope_on_tensor_cores(text: str) -> str:
+    """The RoPE part of the score as a [BLOCK_S, DR] @ [DR, ROWS] product (column r: head r's) instead of
+    products and a row sum in registers: its result lands in the dot layout, as the rest of the score."""
+    qr_t = (
+        "    qr_t = tl.trans(tl.sum(tl.where(own_row[:, :, None], qr[None, :, :], 0.0), axis=1))"
+        ".to(QR.dtype.element_ty)  # [DR, ROWS]\n"
+    )
+    text = replace(
+        "    acc = tl.zeros([ROWS, HEADS * DV], dtype=tl.float32)\n",
+        qr_t + "    acc = tl.zeros([ROWS, HEADS * DV], dtype=tl.float32)\n",
+    )(text)
+    rope = I8 + "score += tl.sum(k_r.to(tl.float32)[:, None, :] * qr[None, :, :], axis=2)\n"
+    new = I8 + "score += tl.sum(tl.where(own_row[None, :, :], _dot(k_r, qr_t, UPCAST)[:, :, None], 0.0), axis=1)\n"
+    return replace(rope, new)(text)
+
+
 BOTH, TABLE, EMBEDDING = ("table", "embedding"), ("table",), ("embedding",)
 RESTRUCTURED = [gate_first, prefetch_ids, late_values, bf16_gate_rows]  # the table winner of "combinations"
 RESTRUCTURED_EMB = [gate_first, prefetch_ids, late_values]
@@ -209,6 +246,10 @@ LAUNCHES = {
     "restructured": {
         "table": [(64, 2, 2, None), (64, 2, 1, None), (128, 4, 2, None), (64, 4, 2, None), (32, 2, 2, None)],
         "embedding": [(32, 2, 2, None), (64, 4, 1, None), (64, 4, 2, None), (32, 4, 2, None)],
+    },
+    "current": {
+        "table": [(64, 2, 2, None), (64, 4, 2, None), (128, 4, 2, None), (32, 2, 2, None)],
+        "embedding": [(64, 4, 1, None), (64, 4, 2, None), (32, 2, 2, None)],
     },
     "launches": {
         "table": [(64, 2, 2, None), (64, 2, 1, None), (64, 4, 2, None), (128, 4, 2, None), (32, 2, 2, None)],
@@ -251,6 +292,11 @@ SWEEPS = {  # sweep: {label: (edits, gate sources)}; ablations run at the first 
         "WE+W_ue per tile": (RESTRUCTURED_EMB + [w_ue_per_tile], EMBEDDING),
     },
     "launches": {"unedited": ([], BOTH)},
+    # on the current kernel (522d6a9 onwards): what each part costs now, and the next candidates
+    "current": {
+        **{name: (edits, TABLE if "gate rows" in name else BOTH) for name, edits in current_ablations().items()},
+        "RoPE score on tensor cores": ([rope_on_tensor_cores], BOTH),
+    },
 }
 # Labels: GF gate first, PI prefetch ids, LV late values, G16 bf16 gate rows, W = GF+PI+LV+G16 (WE without G16),
 # PVD values on tensor cores, I32 int32 row offsets.
