@@ -9,6 +9,8 @@ Every attention takes (x, ids, start, cache, context_ids, gate_table):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,6 +93,10 @@ class EmbeddingGate(nn.Module):
             return g, None
         return g[..., : -self.rope_width], g[..., -self.rope_width :]
 
+    def rope_gate(self, emb: torch.Tensor) -> torch.Tensor | None:
+        """The RoPE key's gate alone (the fused expansion computes the content's gate itself)."""
+        return self.activation(F.linear(emb, self.up.weight[self.width :])) if self.rope_width else None
+
 
 class LatentAttention(nn.Module):
     """MLA (DeepSeek-V2) and, with a gate, EG-MLA.
@@ -129,6 +135,7 @@ class LatentAttention(nn.Module):
         self.gate_on = a.gate_on if cfg.has_gate else None
         self.gate_kv = a.gate_kv
         self.gate_norm = a.gate_norm
+        self.fused_expand = a.fused_expand and self.gate_on == "content"
         if self.gate_on == "latent":
             self.latent_norm = _norm(a.gate_norm, self.d_c, cfg.norm_eps)
         elif self.gate_on == "content":
@@ -154,9 +161,11 @@ class LatentAttention(nn.Module):
 
         latent, k_rope = self.wkv_a(x).split([self.d_c, self.d_rope], dim=-1)
         latent = self.kv_norm(latent)
-        gate = None
+        gate = emb = None
+        fused = self.fused_expand and cache is None  # full forwards only; decoding has its own fused kernel
         if self.gate is not None:
-            gate, rope_gate = self.gate(gate_table(ids))
+            emb = gate_table(ids)
+            gate, rope_gate = (None, self.gate.rope_gate(emb)) if fused else self.gate(emb)
             if rope_gate is not None:
                 k_rope = k_rope * rope_gate  # gated before rotation: the gate is position-free
             if self.gate_on == "latent":
@@ -172,6 +181,8 @@ class LatentAttention(nn.Module):
                 gate, _ = self.gate(gate_table(context_ids))  # recompute the gate for the whole context
         if self.absorb and cache is not None:
             y = self._attend_absorbed(q_nope, q_rope, latent, k_rope)
+        elif fused:
+            y = self._attend_fused_expansion(q_nope, q_rope, latent, k_rope, emb)
         else:
             y = self._attend_expanded(q_nope, q_rope, latent, k_rope, gate)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
@@ -190,6 +201,27 @@ class LatentAttention(nn.Module):
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(b, s, self.n_heads, self.d_rope)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         return causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), self.scale)
+
+    def _attend_fused_expansion(self, q_nope, q_rope, latent, k_rope, emb):
+        """As _attend_expanded for EG-MLA gating the content, with the gate, norms and expansion in one Triton
+        kernel (egmla.kernels.gated_expand) fed with the gate's embedding rows; K/V in the compute dtype."""
+        if latent.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("attention.fused_expand runs on CUDA GPUs; set attention.fused_expand=false on a CPU")
+        from ..kernels.gated_expand import gated_expand  # imports triton
+
+        b, s, _ = latent.shape
+        device = latent.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else latent.dtype
+        norms = [getattr(m, name, None) for m in (self.k_norm, self.v_norm) for name in ("weight", "bias")]
+        k, v = gated_expand(
+            latent.reshape(b * s, -1).to(dtype), emb.reshape(b * s, -1).to(dtype), k_rope.reshape(b * s, -1).to(dtype),
+            self.wkv_b.weight.to(dtype), self.gate.up.weight[: self.gate.width].to(dtype), *norms,
+            self.n_heads, self.d_nope, self.gate_kv == "shared", self.gate.activation_kind, self.gate_norm,
+            getattr(self.k_norm, "eps", 0.0),
+        )  # fmt: skip
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k, v = k.view(b, s, self.n_heads, -1).transpose(1, 2), v.view(b, s, self.n_heads, -1).transpose(1, 2)
+        return causal_attention(q.to(dtype), k, v, self.scale)
 
     def _attend_fused(self, q_nope, q_rope, latent, k_rope, context_ids, gate_table):
         """One new token per sequence, through egmla.kernels: K/V are expanded, gated and normalised on chip."""

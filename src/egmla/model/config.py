@@ -52,6 +52,10 @@ class AttentionConfig:
     absorb: decode MLA by weight absorption (W_uk folded into the query, W_uv into the output) instead of
         re-expanding K/V from the cached latent. Only MLA and EG-MLA gating the latent can absorb.
     gate_*: EG-MLA's embedding gate; the open choices of the paper (see PAPER.md) with their defaults.
+    fused_expand: EG-MLA gating the content, full forwards (training, evaluation) on a CUDA GPU: gate, normalise
+        and expand K/V in one Triton kernel (egmla.kernels.gated_expand) instead of separate matmuls and
+        elementwise passes. Same function; dimensions must be powers of two >= 16. Ignored by the other
+        variants, so that one setting can serve a sweep or benchmark over all of them.
     """
 
     variant: str = "mha"
@@ -71,6 +75,7 @@ class AttentionConfig:
     gate_kv: str = "separate"  # separate gates for k_nope and v, or one shared (needs nope == v dims)
     gate_rope_key: bool = False  # also gate the (pre-RoPE) decoupled key
     gate_group_size: int = 1  # adjacent layers sharing one embedding table
+    fused_expand: bool = False  # EG-MLA gating the content: one Triton kernel for gate, norm and K/V expansion
 
 
 @dataclass
@@ -198,6 +203,13 @@ class ModelConfig:
                 f"a shared K/V gate needs qk_nope_head_dim ({a.qk_nope_head_dim}) == v_head_dim "
                 f"({a.v_head_dim}); use separate",
             )
+        if a.fused_expand and a.gate_on == "content":
+            for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank", "gate_dim"):
+                value = getattr(a, key)
+                if value < 16 or value & (value - 1):
+                    _fail(
+                        f"attention.{key}", value, "fused_expand needs powers of two >= 16; or set fused_expand=false"
+                    )
         if a.absorb and a.gate_on == "content":
             _fail(
                 "attention.absorb",
