@@ -59,7 +59,7 @@ def test_fused_expansion_trains_like_the_plain_path_under_the_interpreter():
 def test_fused_expansion_refuses_a_cpu_run_in_one_line(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = small_model(FUSED)
-    with pytest.raises(RuntimeError, match="set attention.fused_expand=false on a CPU"):
+    with pytest.raises(ConfigError, match="set attention.fused_expand=false on a CPU"):
         model(torch.randint(0, model.cfg.vocab_size, (1, 8)))
 
 

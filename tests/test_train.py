@@ -148,6 +148,7 @@ def test_invalid_training_settings_are_config_errors(corpus, tmp_path):
         (["train.compile_scope=layers"], "train.compile_scope='layers' is invalid"),
         (["train.fused_loss=yes"], "train.fused_loss='yes' is invalid"),
         (["trainer.strategy=deepspeed"], "trainer.strategy='deepspeed' is invalid"),
+        (["attention=egmla", "attention.fused_expand=true"], "attention.fused_expand=true runs on CUDA GPUs"),
     ]:
         with pytest.raises(ConfigError, match=text.replace("(", r"\(").replace("[", r"\[")):
             prepare(compose(overrides(corpus, tmp_path / "x", *extra)))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import LayerCache
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .layers import RMSNorm, Rotary
 
 
@@ -206,7 +206,9 @@ class LatentAttention(nn.Module):
         """As _attend_expanded for EG-MLA gating the content, with the gate, norms and expansion in one Triton
         kernel (egmla.kernels.gated_expand) fed with the gate's embedding rows; K/V in the compute dtype."""
         if latent.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("attention.fused_expand runs on CUDA GPUs; set attention.fused_expand=false on a CPU")
+            raise ConfigError(
+                "attention.fused_expand=true runs on CUDA GPUs: set attention.fused_expand=false on a CPU"
+            )
         from ..kernels.gated_expand import gated_expand  # imports triton
 
         b, s, _ = latent.shape
