@@ -10,6 +10,9 @@ buffer, vocab x n_h * (d_nope + d_v) per layer, reported apart from the KV cache
 token id; "embedding" gathers E's rows and recomputes the gate inside the kernel. Backends: "triton" (GPU, or
 the CPU interpreter under TRITON_INTERPRET=1), "reference" (PyTorch, any device), "auto" (triton on CUDA when
 importable, else reference). Triton is imported only when its backend runs.
+
+For training, gated_expand.py fuses EG-MLA's gate, per-head norms and K/V expansion of full forwards into one
+Triton kernel (forward and backward); LatentAttention uses it with attention.fused_expand=true.
 """
 
 from __future__ import annotations
