@@ -69,12 +69,12 @@ def _activation_grad(z, ACT_KIND: tl.constexpr):
 def _gated_expand_fwd(
     LAT, EMB, KR, W_UKV, W_UE, KW, KB, VW, VB, K, V, N, eps,
     s_lat, s_emb, s_kr, s_k_n, s_k_h, s_v_n, s_v_h,
-    DN: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, DC: tl.constexpr, GD: tl.constexpr,
+    H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, DC: tl.constexpr, GD: tl.constexpr,
     SHARED: tl.constexpr, ACT_KIND: tl.constexpr, NORM_KIND: tl.constexpr, BLOCK: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    h = tl.program_id(1)
+    h = tl.program_id(0) % H  # heads fastest: the programs of one tile run together and share its rows in L2
+    rows = (tl.program_id(0) // H).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = (rows < N)[:, None]
     offs_c, offs_g = tl.arange(0, DC), tl.arange(0, GD)
     offs_n, offs_v, offs_r = tl.arange(0, DN), tl.arange(0, DV), tl.arange(0, DR)
@@ -109,9 +109,9 @@ def _gated_expand_bwd(
     SHARED: tl.constexpr, ACT_KIND: tl.constexpr, NORM_KIND: tl.constexpr, BLOCK: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
+    h = tl.program_id(0) % H  # heads fastest, as in the forward
+    tile = tl.program_id(0) // H
     rows = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    h = tl.program_id(1)
     valid = (rows < N)[:, None]
     offs_c, offs_g = tl.arange(0, DC), tl.arange(0, GD)
     offs_n, offs_v = tl.arange(0, DN), tl.arange(0, DV)
@@ -178,10 +178,10 @@ def gated_expand(
     k = torch.empty(n, n_heads, d_nope + dr, dtype=latent.dtype, device=latent.device)
     v = torch.empty(n, n_heads, dv, dtype=latent.dtype, device=latent.device)
     kw, kb, vw, vb = _norm_args(k_weight, k_bias, v_weight, v_bias, w_ukv)
-    wrap_triton(_gated_expand_fwd)[(triton.cdiv(n, BLOCK_N), n_heads)](
+    wrap_triton(_gated_expand_fwd)[(n_heads * triton.cdiv(n, BLOCK_N),)](
         latent, emb, k_rope, w_ukv, w_ue, kw, kb, vw, vb, k, v, n, eps,
         latent.stride(0), emb.stride(0), k_rope.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        DN=d_nope, DV=dv, DR=dr, DC=dc, GD=emb.shape[1], SHARED=shared, ACT_KIND=ACT[activation],
+        H=n_heads, DN=d_nope, DV=dv, DR=dr, DC=dc, GD=emb.shape[1], SHARED=shared, ACT_KIND=ACT[activation],
         NORM_KIND=NORM[norm], BLOCK=BLOCK_N, UPCAST=UPCAST,
     )  # fmt: skip
     return k, v
@@ -202,7 +202,7 @@ def gated_expand_backward(
     d_g = torch.empty(n, w_ue.shape[0], dtype=latent.dtype, device=latent.device)
     d_norm = torch.empty(tiles * n_heads, 2 * d_nope + 2 * d_v, dtype=torch.float32, device=latent.device)
     kw, kb, vw, vb = _norm_args(k_weight, k_bias, v_weight, v_bias, w_ukv)
-    wrap_triton(_gated_expand_bwd)[(tiles, n_heads)](
+    wrap_triton(_gated_expand_bwd)[(n_heads * tiles,)](
         latent, emb, w_ukv, w_ue, kw, kb, vw, vb, dk, dv, d_kv, d_g, d_norm, n, eps,
         latent.stride(0), emb.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         H=n_heads, DN=d_nope, DV=d_v, DC=dc, GD=emb.shape[1], SHARED=shared, ACT_KIND=ACT[activation],
