@@ -227,6 +227,17 @@ def rope_on_tensor_cores(text: str) -> str:
     return replace(rope, new)(text)
 
 
+def cache_hints(text: str) -> str:
+    """Gate-table rows (read once) evicted first; the latent and RoPE-key tiles (read by every head's program)
+    kept last in L2."""
+    for name in ("k", "v"):
+        old = f"g_{name} = tl.load(row + gate_{name}[None, :], mask=valid[:, None], other=0.0)"
+        text = replace(old, old[:-1] + ', eviction_policy="evict_first")')(text)
+    for old in ("offs_c[None, :], mask=valid[:, None], other=0.0)", "offs_r[None, :], mask=valid[:, None], other=0.0)"):
+        text = replace(old, old[:-1] + ', eviction_policy="evict_last")')(text)
+    return text
+
+
 BOTH, TABLE, EMBEDDING = ("table", "embedding"), ("table",), ("embedding",)
 RESTRUCTURED = [gate_first, prefetch_ids, late_values, bf16_gate_rows]  # the table winner of "combinations"
 RESTRUCTURED_EMB = [gate_first, prefetch_ids, late_values]
@@ -296,6 +307,8 @@ SWEEPS = {  # sweep: {label: (edits, gate sources)}; ablations run at the first 
     "current": {
         **{name: (edits, TABLE if "gate rows" in name else BOTH) for name, edits in current_ablations().items()},
         "RoPE score on tensor cores": ([rope_on_tensor_cores], BOTH),
+        "L2 eviction hints": ([cache_hints], TABLE),
+        "RoPE score on tensor cores + L2 eviction hints": ([rope_on_tensor_cores, cache_hints], TABLE),
     },
 }
 # Labels: GF gate first, PI prefetch ids, LV late values, G16 bf16 gate rows, W = GF+PI+LV+G16 (WE without G16),
