@@ -26,6 +26,24 @@ def test_bench_train_smoke_writes_rows(tmp_path, capsys):
     assert all(float(r["tok_per_s"]) > 0 and r["card"] == "cpu" for r in rows)
 
 
+def test_bench_train_entries_with_their_own_overrides(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    argv = ["train", "--size", "tiny", "--seq", "32", "--batch", "2", "--steps", "1", "--warmup", "0",
+            "--variants", "egmla", "egmla:attention.gate_norm=rmsnorm:attention.gate_kv=shared",
+            "--set", "model.vocab_size=257", "--csv", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == [
+        "egmla-kv16-g32",
+        "egmla-kv16-g32:attention.gate_norm=rmsnorm:attention.gate_kv=shared",
+    ]
+    capsys.readouterr()
+    assert main([*argv[:-2], "--variants", "egmla:attention.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("egmla-bench: error:") and "attention.bogus" in err[0], err
+
+
 def test_bench_train_sharded_path_runs_on_two_cpu_processes(tmp_path):
     """--gpus 2 relaunches itself under torchrun and shards with FSDP2 (gloo here, NCCL on GPUs)."""
     import subprocess

@@ -3,6 +3,7 @@
     egmla-bench train --size 120m --variants mha mla egmla --seq 2048 --batch 16
     egmla-bench train --size 1.2b --variants egmla --batch 8 --gpus 4        # FSDP2 over 4 GPUs (torchrun)
     egmla-bench train --size tiny --seq 128 --batch 4 --steps 3 --warmup 1     # CPU smoke run
+    egmla-bench train --variants mla egmla egmla:attention.fused_expand=true    # a setting A/B in one process
 
 Each variant gets egmla-train's inner step on random token ids, so the figures isolate the model from data
 loading: one GPU: bf16 autocast, torch.compile of the whole model and of the loss; several GPUs: FSDP2 exactly
@@ -40,7 +41,8 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
                   overrides: list[str], device: torch.device, profile: bool = False,
                   activation_checkpointing: str = "none", reshard_after_forward: bool = True,
                   prefetch: int = 0, loss: str = "fused") -> dict:  # fmt: skip
-    cfg = compose([f"model={size}", f"attention={variant}", *overrides])
+    name, *extra = variant.split(":")  # NAME[:KEY=VALUE...]: Hydra overrides for this entry alone
+    cfg = compose([f"model={size}", f"attention={name}", *overrides, *extra])
     if compile:  # each variant compiles as in a process of its own, none behind earlier graphs' guards
         torch.compiler.reset()
     sharded = dist.is_initialized()
@@ -94,7 +96,7 @@ def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, war
         if sharded:  # the fullest GPU's
             dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
     return {
-        "variant": cfg.attention.name,
+        "variant": ":".join([cfg.attention.name, *extra]),
         "size": size,
         "seq": seq,
         "batch": batch,
@@ -130,14 +132,15 @@ def _profile(step, device: torch.device, name: str, steps: int = 3) -> None:
 
 def format_table(rows: list[dict]) -> str:
     base = rows[0]["tok_per_s"]
+    w = max(22, *(len(r["variant"]) for r in rows))
     lines = [
-        f"{'variant':<22} {'tok/s':>10} {'per GPU':>10} {'vs ' + rows[0]['variant']:>10} {'MFU':>7} {'peak GiB':>9}"
+        f"{'variant':<{w}} {'tok/s':>10} {'per GPU':>10} {'vs ' + rows[0]['variant']:>10} {'MFU':>7} {'peak GiB':>9}"
     ]
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
         per_gpu = r["tok_per_s"] / max(1, r["gpus"])
-        lines.append(f"{r['variant']:<22} {r['tok_per_s']:>10,.0f} {per_gpu:>10,.0f} {r['tok_per_s'] / base:>9.3f}x "
+        lines.append(f"{r['variant']:<{w}} {r['tok_per_s']:>10,.0f} {per_gpu:>10,.0f} {r['tok_per_s'] / base:>9.3f}x "
                      f"{mfu:>7} {mem:>9}")  # fmt: skip
     return "\n".join(lines)
 
@@ -146,7 +149,9 @@ def add_parser(sub) -> None:
     train = sub.add_parser("train", help="training-step throughput per attention variant",
                            description=__doc__.split("\n\n")[0])  # fmt: skip
     train.add_argument("--size", default="120m", help="model size (conf/model/*.yaml)")
-    train.add_argument("--variants", nargs="+", default=["mha", "gqa", "mqa", "mla", "egmla"])
+    train.add_argument("--variants", nargs="+", default=["mha", "gqa", "mqa", "mla", "egmla"],
+                       help="attention configs (conf/attention); NAME:KEY=VALUE[:KEY=VALUE] adds Hydra overrides "
+                            "for that entry alone, e.g. egmla:attention.fused_expand=true")  # fmt: skip
     train.add_argument("--seq", type=int, default=2048)
     train.add_argument("--batch", type=int, default=16, help="sequences per GPU per step")
     train.add_argument("--gpus", type=int, default=1, help="GPUs to shard over with FSDP2 (launched by torchrun)")
