@@ -75,9 +75,9 @@ def _egmla_decode_split(
     # W_uk^T [DC, HEADS * DN] and W_uv^T [DC, HEADS * DV] of these heads: W_ukv is [H, DN + DV, DC], row-major.
     wuk_t = tl.load(W_UKV + (head_n * (DN + DV) + flat_n % DN)[None, :] * DC + offs_c[:, None])
     wuv_t = tl.load(W_UKV + (head_v * (DN + DV) + DN + flat_v % DV)[None, :] * DC + offs_c[:, None])
-    # The norms fold into the score and the output: with x = k_nope * g_k, q . LayerNorm(x) =
-    # rstd(x) * (sum(q w x) - mean(x) * sum(q w)) + q . b, and sum_t p_t LayerNorm(y_t) over values y_t =
-    # w * (sum_t p_t rstd_t y_t - sum_t p_t rstd_t mean_t) + b * sum_t p_t: no normalised tile is ever formed.
+    # The keys' norm folds into the score, with x = k_nope * g_k: q . LayerNorm(x) = rstd(x) * (sum(q w x) -
+    # mean(x) * sum(q w)) + q . b, so no normalised key is formed; the values' affine folds into the output:
+    # sum_t p_t LayerNorm(y_t) = w * sum_t p_t yhat_t + b * sum_t p_t.
     qk = qn
     if NORM_KIND != 0:
         qk = qn * tl.load(KW + offs_n).to(tl.float32)[None, :]
@@ -145,18 +145,17 @@ def _egmla_decode_split(
         l_i = l_i * alpha + tl.sum(p, axis=0)
         # The values only now, after the score: fewer registers live at once.
         y = tl.reshape(_dot(c, wuv_t, UPCAST) * g_v, [BLOCK_S, HEADS, DV])
-        coef = p
-        if NORM_KIND == 1:
+        if NORM_KIND == 1:  # normalised before the affine (folded in at the end): O(1) values
             mean_v = tl.sum(y, axis=2) / DV
-            coef = p * tl.rsqrt(tl.maximum(tl.sum(y * y, axis=2) / DV - mean_v * mean_v, 0.0) + eps)
-            y = y - mean_v[:, :, None]  # centred: the fp16 operands below then carry no large common mean
+            y = y - mean_v[:, :, None]
+            y = y * tl.rsqrt(tl.sum(y * y, axis=2) / DV + eps)[:, :, None]
         elif NORM_KIND == 2:
-            coef = p * tl.rsqrt(tl.sum(y * y, axis=2) / DV + eps)
-        # acc[r] += sum_t coef[t, r] y[t] as one [ROWS, BLOCK_S] @ [BLOCK_S, HEADS * DV] product, fp32 out.
-        a = tl.sum(tl.where(own_row[:, None, :], coef[None, :, :], 0.0), axis=2)  # [ROWS, BLOCK_S]
+            y = y * tl.rsqrt(tl.sum(y * y, axis=2) / DV + eps)[:, :, None]
+        # acc[r] += sum_t p[t, r] y[t] as one [ROWS, BLOCK_S] @ [BLOCK_S, HEADS * DV] product, fp32 out.
+        a = tl.sum(tl.where(own_row[:, None, :], p[None, :, :], 0.0), axis=2)  # [ROWS, BLOCK_S]
         alpha_rows = tl.sum(tl.where(own_row, alpha[None, :], 0.0), axis=1)  # [ROWS]
         y = tl.reshape(y, [BLOCK_S, HEADS * DV])
-        if VALUES_FP16:  # 16-bit caches: fp16 operands (3 more mantissa bits than bf16); fp32 caches stay fp32
+        if VALUES_FP16:  # probabilities and normalised values: fp16 (3 more mantissa bits than bf16) is safe
             a, y = a.to(tl.float16), y.to(tl.float16)
         acc = acc * alpha_rows[:, None] + _dot(a, y, UPCAST)
         m_i = m_new
@@ -258,7 +257,7 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
         g.stride(0), emb.stride(0),
         H=h, DN=dn, DV=dv, DR=dr, DC=dc, GD=1 if from_table else emb.shape[1],
         GATE_H=dn if w.shared else dn + dv, HEADS=heads, ROWS=max(16, heads), BLOCK_S=block_s,
-        FROM_TABLE=from_table, IDS32=ids32, VALUES_FP16=latent.dtype != torch.float32,
+        FROM_TABLE=from_table, IDS32=ids32, VALUES_FP16=latent.dtype != torch.float32 and w.norm != "none",
         SHARED=w.shared, ACT_KIND=ACT[w.activation], NORM_KIND=NORM[w.norm],
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

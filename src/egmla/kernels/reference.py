@@ -4,8 +4,9 @@ One new token per sequence attends over a context of S cached tokens. For each (
 is cut into splits of `split_tokens` tokens; each split walks its tokens in tiles of `block_s`, and per tile:
   k_nope = W_uk[h] c, v = W_uv[h] c               from the cached latent c [block_s, d_c]
   g_k, g_v = G[ids] (precomputed per-vocabulary table) or act(W_ue E[ids]) (recomputed from the embedding)
-  k = Norm_k(k_nope * g_k), v = Norm_v(v * g_v)   per head, in fp32 (the norms folded into the score and
-                                                  the output: only row sums of the gated tiles are needed)
+  k = Norm_k(k_nope * g_k), v = Norm_v(v * g_v)   per head, in fp32 (the key's norm folded into the score:
+                                                  only row sums of the gated keys are needed; the values'
+                                                  affine folded into the output)
   score = (q_nope . k + q_rope . k_rope) * scale, folded into an online softmax (running max, sum, output)
 Each split ends with its normalised output and log-sum-exp; a second pass merges the splits. Nothing expanded
 is kept beyond one tile. The CPU tests hold this against the model's unfused decode; on a GPU the Triton
@@ -91,8 +92,8 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
     w_uk, w_uv = w.w_ukv[:, : w.d_nope].to(f), w.w_ukv[:, w.d_nope :].to(f)
     q_nope, q_rope = q_nope.to(f), q_rope.to(f)
     # The norms fold into the score and the output (no normalised tile is formed): with x = k_nope * g_k,
-    # q . LayerNorm(x) = rstd(x) * (sum(q w x) - mean(x) * sum(q w)) + q . b, and the softmax-weighted sum of
-    # LayerNorm(y_t) over values y_t = w * sum_t p_t rstd_t (y_t - mean_t) + b * sum_t p_t.
+    # q . LayerNorm(x) = rstd(x) * (sum(q w x) - mean(x) * sum(q w)) + q . b; for the values only the affine
+    # folds: the softmax-weighted sum of LayerNorm(y_t) = w * sum_t p_t yhat_t + b * sum_t p_t.
     qk = q_nope * w.k_weight.to(f) if w.norm != "none" else q_nope
     qk_sum = qk.sum(-1)
     qk_bias = (q_nope * w.k_bias.to(f)).sum(-1) if w.norm == "layernorm" else 0.0
@@ -123,14 +124,12 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
         alpha = torch.exp(m - m_new)
         p = torch.exp(score - m_new[..., None])
         l = l * alpha + p.sum(-1)
-        coef = p
-        if w.norm == "layernorm":
-            mean_v = y.mean(-1)
-            coef = p * torch.rsqrt(((y * y).mean(-1) - mean_v * mean_v).clamp_min(0) + w.eps)
-            y = y - mean_v[..., None]
+        if w.norm == "layernorm":  # normalised before the affine, which is applied to the output at the end
+            y = y - y.mean(-1, keepdim=True)
+            y = y * torch.rsqrt((y * y).mean(-1, keepdim=True) + w.eps)
         elif w.norm == "rmsnorm":
-            coef = p * torch.rsqrt((y * y).mean(-1) + w.eps)
-        acc = acc * alpha[..., None] + torch.einsum("bhnt,bhntv->bhnv", coef, y)
+            y = y * torch.rsqrt((y * y).mean(-1, keepdim=True) + w.eps)
+        acc = acc * alpha[..., None] + torch.einsum("bhnt,bhntv->bhnv", p, y)
         m = m_new
     out = acc / l[..., None]
     if w.norm != "none":
