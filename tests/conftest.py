@@ -4,9 +4,13 @@ jsonl corpus with the overrides, runner and log reader of the tests that train t
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +24,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # Common English words for small synthetic corpora (the tests that train write a few jsonl documents of them).
 WORDS = "the of and to in that it is was he for on are as with his they at be this from have or by one".split()  # noqa: SIM905
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def run_under_triton_interpreter(code: str, timeout: int) -> None:
+    """Run `code`, a script that prints "ok" once its checks pass, in a fresh Python under the Triton CPU
+    interpreter with tests/ importable; fail with the end of its stderr otherwise."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def write_jsonl(path: Path, texts: Iterable[str]) -> None:

@@ -5,16 +5,11 @@ triton is installed)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
-from conftest import small_model
+from conftest import needs_triton, run_under_triton_interpreter, small_model
 from egmla import accounting, kernels
 from egmla.bench import decode as bench
 from egmla.bench import main
@@ -247,14 +242,9 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_triton_kernel_under_the_interpreter_matches_the_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    tests = os.path.dirname(__file__)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_under_triton_interpreter(INTERPRETED, timeout=300)
 
 
 def test_zipf_ids_are_text_like_and_in_range():

@@ -2,16 +2,10 @@
 against the model's own PyTorch path, under the Triton CPU interpreter (skipped where triton is not installed,
 as in CI); and its refusals, which need no triton."""
 
-import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
-from conftest import small_model
+from conftest import needs_triton, run_under_triton_interpreter, small_model
 from egmla.model import ConfigError
 
 FUSED = {"variant": "egmla", "fused_expand": True, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16,
@@ -46,14 +40,9 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@needs_triton
 def test_fused_expansion_trains_like_the_plain_path_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    tests = os.path.dirname(__file__)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    run_under_triton_interpreter(INTERPRETED, timeout=600)
 
 
 def test_fused_expansion_refuses_a_cpu_run_in_one_line(monkeypatch):

@@ -23,7 +23,7 @@ import os
 import torch
 from torch import nn
 
-from ..model.config import check_choice
+from ..model.config import check_choice, is_power_of_two
 from . import reference
 from .reference import DecodeWeights
 
@@ -50,7 +50,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def check_heads_per_program(heads: int, n_heads: int, label: str) -> None:
     """Raise a one-line ValueError unless `heads` (the kernel's heads per program) is a power of two dividing
     n_heads; `label` names the setting in the message."""
-    if n_heads % heads or heads & (heads - 1):
+    if n_heads % heads or not is_power_of_two(heads):
         raise ValueError(f"{label} must be a power of two dividing the model's {n_heads} heads")
 
 
@@ -68,7 +68,7 @@ def check_supported(attn, gate_source: str, backend: str) -> None:
         if gate_source == "embedding":
             dims["gate_dim"] = attn.gate.up.in_features
         for key, value in dims.items():
-            if value < 16 or value & (value - 1):
+            if not is_power_of_two(value, 16):
                 raise ValueError(
                     f"the Triton fused decode needs powers of two >= 16; attention.{key}={value}: {fallback}"
                 )

@@ -26,6 +26,13 @@ from .reference import DecodeWeights, split_layout
 
 ACT = {"none": 0, "sigmoid": 1, "silu": 2}
 NORM = {"none": 0, "layernorm": 1, "rmsnorm": 2}
+UPCAST = os.environ.get("TRITON_INTERPRET") == "1"  # the CPU interpreter's bf16 tl.dot is wrong: fp32 there
+
+
+def present_or(like: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    """The tensors, absent ones replaced by `like`: a kernel needs a pointer even for a parameter it never
+    reads (a norm without bias, no norm at all)."""
+    return [t if t is not None else like for t in tensors]
 
 
 @triton.jit
@@ -244,9 +251,7 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
     from_table = w.gate_rows is not None
     g = w.gate_rows if from_table else w_ukv  # unused pointers still need a tensor
     emb, w_ue = (w_ukv, w_ukv) if from_table else (w.embedding, w.w_ue.contiguous())
-    kw, kb = (w.k_weight, w.k_bias) if w.k_weight is not None else (w_ukv, w_ukv)
-    vw, vb = (w.v_weight, w.v_bias) if w.v_weight is not None else (w_ukv, w_ukv)
-    kb, vb = (kb if kb is not None else w_ukv), (vb if vb is not None else w_ukv)
+    kw, kb, vw, vb = present_or(w_ukv, w.k_weight, w.k_bias, w.v_weight, w.v_bias)
     source = g if from_table else emb
     ids32 = source.shape[0] * source.stride(0) < 2**31  # row offsets fit int32: cheaper address arithmetic
     _egmla_decode_split[(h // heads, n_split, b)](
@@ -259,7 +264,7 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
         GATE_H=dn if w.shared else dn + dv, HEADS=heads, ROWS=max(16, heads), BLOCK_S=block_s,
         FROM_TABLE=from_table, IDS32=ids32, VALUES_FP16=latent.dtype != torch.float32 and w.norm != "none",
         SHARED=w.shared, ACT_KIND=ACT[w.activation], NORM_KIND=NORM[w.norm],
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1", num_warps=num_warps, num_stages=num_stages,
+        UPCAST=UPCAST, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     _merge_splits[(b * h,)](
         o_split, lse_split, out, n_split, DV=dv, BLOCK_SPLIT=max(2, triton.next_power_of_2(n_split))

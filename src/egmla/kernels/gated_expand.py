@@ -2,23 +2,19 @@
 with g = act(W_ue e), per head, in one kernel that writes only k and v (the expanded K/V and the gate never
 reach memory before the norm). The backward recomputes the expansion and the gate from c and e, and writes
 the gradients of the expansion and of the gate's pre-activation; the four weight and input gradients are
-then plain matmuls (cuBLAS). `reference` is the same function in PyTorch, as LatentAttention computes it.
+then plain matmuls (cuBLAS). The same function in PyTorch is LatentAttention._attend_expanded.
 
 Importing this module imports triton: LatentAttention does so only with attention.fused_expand=true.
 """
 
-import os
-
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .egmla_decode import ACT, NORM, _activate, _dot
+from .egmla_decode import ACT, NORM, UPCAST, _activate, _dot, present_or
 
 BLOCK_N = 64  # tokens per program
-UPCAST = os.environ.get("TRITON_INTERPRET") == "1"  # the CPU interpreter's bf16 tl.dot is wrong: fp32 there
 
 
 @triton.jit
@@ -159,11 +155,6 @@ def _gated_expand_bwd(
         tl.store(d_g_ptr + DN + offs_v[None, :], dz_v.to(D_G.dtype.element_ty), mask=valid)
 
 
-def _norm_args(k_weight, k_bias, v_weight, v_bias, like):
-    """Pointers for absent norm parameters (never read): any tensor will do."""
-    return [t if t is not None else like for t in (k_weight, k_bias, v_weight, v_bias)]
-
-
 @triton_op("egmla::gated_expand", mutates_args={})
 def gated_expand(
     latent: torch.Tensor, emb: torch.Tensor, k_rope: torch.Tensor, w_ukv: torch.Tensor, w_ue: torch.Tensor,
@@ -177,7 +168,7 @@ def gated_expand(
     dr = k_rope.shape[1]
     k = torch.empty(n, n_heads, d_nope + dr, dtype=latent.dtype, device=latent.device)
     v = torch.empty(n, n_heads, dv, dtype=latent.dtype, device=latent.device)
-    kw, kb, vw, vb = _norm_args(k_weight, k_bias, v_weight, v_bias, w_ukv)
+    kw, kb, vw, vb = present_or(w_ukv, k_weight, k_bias, v_weight, v_bias)
     wrap_triton(_gated_expand_fwd)[(n_heads * triton.cdiv(n, BLOCK_N),)](
         latent, emb, k_rope, w_ukv, w_ue, kw, kb, vw, vb, k, v, n, eps,
         latent.stride(0), emb.stride(0), k_rope.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -201,7 +192,7 @@ def gated_expand_backward(
     d_kv = torch.empty(n, w_ukv.shape[0], dtype=latent.dtype, device=latent.device)
     d_g = torch.empty(n, w_ue.shape[0], dtype=latent.dtype, device=latent.device)
     d_norm = torch.empty(tiles * n_heads, 2 * d_nope + 2 * d_v, dtype=torch.float32, device=latent.device)
-    kw, kb, vw, vb = _norm_args(k_weight, k_bias, v_weight, v_bias, w_ukv)
+    kw, kb, vw, vb = present_or(w_ukv, k_weight, k_bias, v_weight, v_bias)
     wrap_triton(_gated_expand_bwd)[(n_heads * tiles,)](
         latent, emb, w_ukv, w_ue, kw, kb, vw, vb, dk, dv, d_kv, d_g, d_norm, n, eps,
         latent.stride(0), emb.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -242,24 +233,3 @@ def _backward(ctx, dk, dv):
 
 
 gated_expand.register_autograd(_backward, setup_context=_setup_context)
-
-
-def reference(latent, emb, k_rope, w_ukv, w_ue, k_weight, k_bias, v_weight, v_bias, n_heads, d_nope, shared,
-              activation, norm, eps):  # fmt: skip
-    """gated_expand in PyTorch (what LatentAttention computes without the kernel)."""
-    n = latent.shape[0]
-    kv = (latent @ w_ukv.t()).view(n, n_heads, -1)
-    k_nope, v = kv.split([d_nope, kv.shape[-1] - d_nope], dim=-1)
-    g = emb @ w_ue.t()
-    g = {"none": g, "sigmoid": torch.sigmoid(g), "silu": F.silu(g)}[activation].view(n, n_heads, -1)
-    g_k, g_v = (g, g) if shared else g.split([d_nope, v.shape[-1]], dim=-1)
-
-    def normalise(x, weight, bias):
-        if norm == "layernorm":
-            return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-        if norm == "rmsnorm":
-            return F.rms_norm(x, x.shape[-1:], weight, eps)
-        return x
-
-    k = torch.cat([normalise(k_nope * g_k, k_weight, k_bias), k_rope[:, None].expand(n, n_heads, -1)], dim=-1)
-    return k, normalise(v * g_v, v_weight, v_bias)

@@ -27,6 +27,11 @@ def error_summary(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def is_power_of_two(value: int, minimum: int = 1) -> bool:
+    """value is a power of two >= minimum (Triton tiles need such widths)."""
+    return value >= minimum and not value & (value - 1)
+
+
 def _fail(key: str, value: Any, valid: str) -> None:
     raise ConfigError(f"{key}={value!r} is invalid: {valid}")
 
@@ -206,7 +211,7 @@ class ModelConfig:
         if a.fused_expand and a.gate_on == "content":
             for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank", "gate_dim"):
                 value = getattr(a, key)
-                if value < 16 or value & (value - 1):
+                if not is_power_of_two(value, 16):
                     _fail(
                         f"attention.{key}", value, "fused_expand needs powers of two >= 16; or set fused_expand=false"
                     )
