@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "fc328f7"  # the kernel the README's candidate and ablation sweeps edited
+RESTRUCTURED = "b7945e9"  # the one the costs sweep edits
 
 
 def load_tool():
@@ -24,8 +25,9 @@ def test_every_edit_applies_to_the_kernel_it_names():
     tool = load_tool()
     try:
         base = tool.kernel_source(BASE)
+        tool.kernel_source(RESTRUCTURED)
     except subprocess.CalledProcessError:
-        pytest.skip(f"commit {BASE} is not in this clone (shallow)")
+        pytest.skip(f"commit {BASE} or {RESTRUCTURED} is not in this clone (shallow)")
     for sweep in ("ablations", "candidates", "combinations", "restructured"):
         for label, (edits, _) in tool.SWEEPS[sweep].items():
             text = base
@@ -33,14 +35,14 @@ def test_every_edit_applies_to_the_kernel_it_names():
                 text = edit(text)
             assert text != base, (sweep, label)
             compile(text, f"{sweep}: {label}", "exec")
-    current = tool.kernel_source(None)
-    assert "LAUNCHED = _egmla_decode_split" in current  # registers and spills are read from the launch
-    for label, (edits, _) in tool.SWEEPS["current"].items():  # these name lines of the working tree's kernel
-        text = current
+    restructured = tool.kernel_source(RESTRUCTURED)
+    for label, (edits, _) in tool.SWEEPS["costs"].items():
+        text = restructured
         for edit in edits:
             text = edit(text)
-        assert text != current, label
-        compile(text, f"current: {label}", "exec")
+        assert text != restructured, label
+        compile(text, f"costs: {label}", "exec")
+    assert "LAUNCHED = _egmla_decode_split" in tool.kernel_source(None)  # registers and spills are read from it
 
 
 def test_an_edit_that_finds_no_line_says_which():

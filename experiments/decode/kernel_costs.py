@@ -7,12 +7,14 @@ shapes is the yardstick. Needs a GPU; TRITON_INTERPRET=1 runs a CPU smoke pass o
     python experiments/decode/kernel_costs.py --base fc328f7 --sweep ablations candidates
     python experiments/decode/kernel_costs.py --base fc328f7 --sweep combinations restructured
     python experiments/decode/kernel_costs.py --sweep launches --size 1.2b --batch 8 --sources embedding
-    python experiments/decode/kernel_costs.py --sweep current     # the current kernel's costs and next candidates
+    python experiments/decode/kernel_costs.py --base b7945e9 --sweep costs   # the restructured kernel's costs
+    python experiments/decode/kernel_costs.py --base b7945e9 --sweep launches --sources embedding
 
 --base: the git revision whose kernel is edited (default: the working tree's). The edits of the ablations,
 candidates, combinations and restructured sweeps name lines of the kernel at fc328f7, the kernel before the
-restructure of 522d6a9 that they chose; those of the current sweep name lines of 522d6a9's; the launches sweep
-needs no edit and times any revision. Results: experiments/decode/README.md, "The kernel's costs".
+restructure of 522d6a9 that they chose; those of the costs sweep name lines of b7945e9's, the restructured
+kernel before its L2 hints; the launches sweep needs no edit and times any revision. Results:
+experiments/decode/README.md, "The kernel's costs".
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def ablations(prefix: str, base: list) -> dict:
     }
 
 
-def current_ablations() -> dict:
+def restructured_ablations() -> dict:
     """Ablations of the restructured kernel (522d6a9 onwards)."""
     x, y = "_dot(c, wuk_t, UPCAST)", "_dot(c, wuv_t, UPCAST)"
     rope = "score += tl.sum(k_r.to(tl.float32)[:, None, :] * qr[None, :, :], axis=2)"
@@ -258,12 +260,13 @@ LAUNCHES = {
         "table": [(64, 2, 2, None), (64, 2, 1, None), (128, 4, 2, None), (64, 4, 2, None), (32, 2, 2, None)],
         "embedding": [(32, 2, 2, None), (64, 4, 1, None), (64, 4, 2, None), (32, 4, 2, None)],
     },
-    "current": {
+    "costs": {
         "table": [(64, 2, 2, None), (64, 4, 2, None), (128, 4, 2, None), (32, 2, 2, None)],
         "embedding": [(64, 4, 1, None), (64, 4, 2, None), (32, 2, 2, None)],
     },
     "launches": {
-        "table": [(64, 2, 2, None), (64, 2, 1, None), (64, 4, 2, None), (128, 4, 2, None), (32, 2, 2, None)],
+        "table": [(64, 4, 2, None), (64, 4, 1, None), (64, 4, 3, None), (64, 2, 2, None), (32, 4, 2, None),
+                  (128, 8, 2, None), (64, 8, 2, None), (128, 4, 2, None)],
         "embedding": [(64, 4, 1, None), (64, 4, 2, None), (32, 2, 2, None), (32, 4, 1, None), (64, 8, 1, None),
                       (128, 8, 1, None), (64, 2, 1, None)],
     },
@@ -303,9 +306,9 @@ SWEEPS = {  # sweep: {label: (edits, gate sources)}; ablations run at the first 
         "WE+W_ue per tile": (RESTRUCTURED_EMB + [w_ue_per_tile], EMBEDDING),
     },
     "launches": {"unedited": ([], BOTH)},
-    # on the current kernel (522d6a9 onwards): what each part costs now, and the next candidates
-    "current": {
-        **{name: (edits, TABLE if "gate rows" in name else BOTH) for name, edits in current_ablations().items()},
+    # on the restructured kernel (b7945e9): what each part costs, and two candidates (the hints were adopted)
+    "costs": {
+        **{name: (edits, TABLE if "gate rows" in name else BOTH) for name, edits in restructured_ablations().items()},
         "RoPE score on tensor cores": ([rope_on_tensor_cores], BOTH),
         "L2 eviction hints": ([cache_hints], TABLE),
         "RoPE score on tensor cores + L2 eviction hints": ([rope_on_tensor_cores, cache_hints], TABLE),

@@ -122,11 +122,11 @@ def _egmla_decode_split(
         tok_next = tl.load(IDS + b * s_ids_b + pos + BLOCK_S, mask=pos + BLOCK_S < end, other=0)
         if FROM_TABLE:
             row = G + tok[:, None] * s_g_v
-            g_k = tl.load(row + gate_k[None, :], mask=valid[:, None], other=0.0)
+            g_k = tl.load(row + gate_k[None, :], mask=valid[:, None], other=0.0, eviction_policy="evict_first")
             if SHARED:  # noqa: SIM108  (a static branch: Triton resolves it at compile time)
                 g_v = g_k
             else:
-                g_v = tl.load(row + gate_v[None, :], mask=valid[:, None], other=0.0)
+                g_v = tl.load(row + gate_v[None, :], mask=valid[:, None], other=0.0, eviction_policy="evict_first")
         else:
             e = tl.load(EMB + tok[:, None] * s_emb_v + offs_g[None, :], mask=valid[:, None], other=0.0)
             g_k = _activate(_dot(e, w_ue_k, UPCAST), ACT_KIND)
@@ -134,7 +134,14 @@ def _egmla_decode_split(
                 g_v = g_k
             else:
                 g_v = _activate(_dot(e, w_ue_v, UPCAST), ACT_KIND)
-        c = tl.load(LAT + b * s_lat_b + pos[:, None] * s_lat_s + offs_c[None, :], mask=valid[:, None], other=0.0)
+        # L2 hints: a gate-table row slice is this program's alone (evicted first); the latent and RoPE-key tiles
+        # are read again by the programs of the other heads (kept last).
+        c = tl.load(
+            LAT + b * s_lat_b + pos[:, None] * s_lat_s + offs_c[None, :],
+            mask=valid[:, None],
+            other=0.0,
+            eviction_policy="evict_last",
+        )
         x = tl.reshape(_dot(c, wuk_t, UPCAST) * g_k, [BLOCK_S, HEADS, DN])  # gated k_nope of every head, fp32
         score = tl.sum(x * qk[None, :, :], axis=2)  # [BLOCK_S, HEADS]
         if NORM_KIND == 1:
@@ -143,7 +150,12 @@ def _egmla_decode_split(
             score = rstd * (score - mean * qk_sum[None, :]) + qk_bias[None, :]
         elif NORM_KIND == 2:
             score = score * tl.rsqrt(tl.sum(x * x, axis=2) / DN + eps)
-        k_r = tl.load(KR + b * s_kr_b + pos[:, None] * s_kr_s + offs_r[None, :], mask=valid[:, None], other=0.0)
+        k_r = tl.load(
+            KR + b * s_kr_b + pos[:, None] * s_kr_s + offs_r[None, :],
+            mask=valid[:, None],
+            other=0.0,
+            eviction_policy="evict_last",
+        )
         score += tl.sum(k_r.to(tl.float32)[:, None, :] * qr[None, :, :], axis=2)
         score = tl.where(valid[:, None], score * scale, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(score, axis=0))
@@ -207,14 +219,14 @@ def default_split_tokens(batch: int, head_groups: int, s: int, block_s: int, dev
     return max(4 * block_s, min(cap, -(-s // splits)))
 
 
-# Launch defaults per gate source, measured on an H200 with this kernel (120m, 16K context, batch 32, kernel
-# alone, us per sequence-layer; experiments/decode/kernel_costs.py): table rows in 64-token tiles on 2 warps,
-# 2 stages (28.6 with the values' sum on tensor cores, 29.8 without; 64-token tiles on 4 warps 31.4, 128 on 4
-# warps 37.2); the embedding in 64-token tiles on 4 warps, 1 stage, 512-token splits (63.0; 32-token tiles on
-# 2 warps 77.7). The kernel before (gate after the latent, fp32 gate rows, values summed in registers): 40.5
-# and 92.1. Serving 2 or 4 heads per program was slower on that kernel (table: 49.8 and 53.5 at best).
+# Launch defaults per gate source, measured on an H200 (120m, 16K context, batch 32, kernel alone, us per
+# sequence-layer; experiments/decode/kernel_costs.py): table rows in 64-token tiles on 4 warps, 2 stages (24.75
+# with the L2 hints, 27.44 on 2 warps; without the hints 27.36 on 2 warps); the embedding in 64-token tiles on
+# 4 warps, 1 stage, 512-token splits (60.0 without the hints; 32-token tiles on 2 warps 77.7). The kernel before
+# (gate after the latent, fp32 gate rows, values summed in registers): 40.5 and 92.1. Serving 2 or 4 heads per
+# program was slower on that kernel (table: 49.8 and 53.5 at best).
 LAUNCH = {
-    "table": {"block_s": 64, "num_warps": 2, "num_stages": 2, "split_cap": 2048, "heads_per_program": 1},
+    "table": {"block_s": 64, "num_warps": 4, "num_stages": 2, "split_cap": 2048, "heads_per_program": 1},
     "embedding": {"block_s": 64, "num_warps": 4, "num_stages": 1, "split_cap": 512, "heads_per_program": 1},
 }
 
