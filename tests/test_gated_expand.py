@@ -2,6 +2,11 @@
 against the model's own PyTorch path, under the Triton CPU interpreter (skipped where triton is not installed,
 as in CI); and its refusals, which need no triton."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,3 +63,16 @@ def test_fused_expansion_needs_powers_of_two_and_is_ignored_by_other_variants():
     ids = torch.randint(0, 97, (1, 8))
     for attention in ({"variant": "mla"}, {"variant": "mha"}, {"variant": "egmla", "gate_on": "latent"}):
         torch.testing.assert_close(small_model(attention | {"fused_expand": True})(ids), small_model(attention)(ids))
+
+
+@needs_triton
+def test_the_fused_expand_experiment_checks_the_op_against_fp32_under_the_interpreter():
+    """experiments/throughput/fused_expand.py: k, v and every input gradient of the fused op against fp32."""
+    script = Path(__file__).resolve().parents[1] / "experiments/throughput/fused_expand.py"
+    done = subprocess.run([sys.executable, str(script)], env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["k", "v", "d_latent", "d_emb", "d_k_rope", "d_W_ukv", "d_W_ue",
+                                        "d_k_weight", "d_k_bias", "d_v_weight", "d_v_bias"]  # fmt: skip
+    assert all(float(row[1]) < 1e-5 for row in rows), done.stdout
