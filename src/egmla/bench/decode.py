@@ -386,7 +386,7 @@ def add_parser(sub) -> None:
                    help="fused kernel: context tokens per tile (0: by gate source, 64 for both)")  # fmt: skip
     p.add_argument("--split-tokens", type=int, default=0, help="fused kernel: tokens per split (0: heuristic)")
     p.add_argument("--num-warps", type=int, default=0,
-                   help="fused kernel: warps per program (0: by gate source: 4)")  # fmt: skip
+                   help="fused kernel: warps per program (0: 4, for both gate sources)")  # fmt: skip
     p.add_argument("--num-stages", type=int, default=0,
                    help="fused kernel: software pipeline stages (0: by gate source: 2 table, 1 embedding)")  # fmt: skip
     p.add_argument("--heads-per-program", type=int, default=0,

@@ -222,9 +222,9 @@ def default_split_tokens(batch: int, head_groups: int, s: int, block_s: int, dev
 # Launch defaults per gate source, measured on an H200 (120m, 16K context, batch 32, kernel alone, us per
 # sequence-layer; experiments/decode/kernel_costs.py): table rows in 64-token tiles on 4 warps, 2 stages (24.75
 # with the L2 hints, 27.44 on 2 warps; without the hints 27.36 on 2 warps); the embedding in 64-token tiles on
-# 4 warps, 1 stage, 512-token splits (60.0 without the hints; 32-token tiles on 2 warps 77.7). The kernel before
-# (gate after the latent, fp32 gate rows, values summed in registers): 40.5 and 92.1. Serving 2 or 4 heads per
-# program was slower on that kernel (table: 49.8 and 53.5 at best).
+# 4 warps, 1 stage, 512-token splits (59.5, with or without the hints; 32-token tiles on 2 warps 75.1). The
+# kernel before (gate after the latent, fp32 gate rows, values summed in registers): 40.5 and 92.1. Serving 2
+# or 4 heads per program was slower on that kernel (table: 49.8 and 53.5 at best).
 LAUNCH = {
     "table": {"block_s": 64, "num_warps": 4, "num_stages": 2, "split_cap": 2048, "heads_per_program": 1},
     "embedding": {"block_s": 64, "num_warps": 4, "num_stages": 1, "split_cap": 512, "heads_per_program": 1},
