@@ -42,7 +42,14 @@ def test_every_edit_applies_to_the_kernel_it_names():
             text = edit(text)
         assert text != restructured, label
         compile(text, f"costs: {label}", "exec")
-    assert "LAUNCHED = _egmla_decode_split" in tool.kernel_source(None)  # registers and spills are read from it
+    current = tool.kernel_source(None)
+    assert "LAUNCHED = _egmla_decode_split" in current  # registers and spills are read from the launch
+    for label, (edits, _) in tool.SWEEPS["next"].items():  # these name lines of the working tree's kernel
+        text = current
+        for edit in edits:
+            text = edit(text)
+        assert text != current, label
+        compile(text, f"next: {label}", "exec")
 
 
 def test_an_edit_that_finds_no_line_says_which():

@@ -9,12 +9,13 @@ shapes is the yardstick. Needs a GPU; TRITON_INTERPRET=1 runs a CPU smoke pass o
     python experiments/decode/kernel_costs.py --sweep launches --size 1.2b --batch 8 --sources embedding
     python experiments/decode/kernel_costs.py --base b7945e9 --sweep costs   # the restructured kernel's costs
     python experiments/decode/kernel_costs.py --base b7945e9 --sweep launches --sources embedding
+    python experiments/decode/kernel_costs.py --sweep next    # the current kernel's costs and next candidates
 
 --base: the git revision whose kernel is edited (default: the working tree's). The edits of the ablations,
 candidates, combinations and restructured sweeps name lines of the kernel at fc328f7, the kernel before the
 restructure of 522d6a9 that they chose; those of the costs sweep name lines of b7945e9's, the restructured
-kernel before its L2 hints; the launches sweep needs no edit and times any revision. Results:
-experiments/decode/README.md, "The kernel's costs".
+kernel before its L2 hints; those of the next sweep name lines of the working tree's; the launches sweep needs
+no edit and times any revision. Results: experiments/decode/README.md, "The kernel's costs".
 """
 
 from __future__ import annotations
@@ -240,6 +241,15 @@ def cache_hints(text: str) -> str:
     return text
 
 
+def embedding_rows_kept(text: str) -> str:
+    """Embedding rows kept last in L2: unlike a gate-table row slice, every head's program reads the whole row."""
+    old = "e = tl.load(EMB + tok[:, None] * s_emb_v + offs_g[None, :], mask=valid[:, None], other=0.0)"
+    return replace(old, old[:-1] + ', eviction_policy="evict_last")')(text)
+
+
+NO_TILE_HINTS = replace('    eviction_policy="evict_last",\n', "")  # the latent's and the RoPE key's
+NO_ROW_HINTS = replace(', eviction_policy="evict_first")', ")")  # the gate-table rows'
+
 BOTH, TABLE, EMBEDDING = ("table", "embedding"), ("table",), ("embedding",)
 RESTRUCTURED = [gate_first, prefetch_ids, late_values, bf16_gate_rows]  # the table winner of "combinations"
 RESTRUCTURED_EMB = [gate_first, prefetch_ids, late_values]
@@ -264,6 +274,7 @@ LAUNCHES = {
         "table": [(64, 2, 2, None), (64, 4, 2, None), (128, 4, 2, None), (32, 2, 2, None)],
         "embedding": [(64, 4, 1, None), (64, 4, 2, None), (32, 2, 2, None)],
     },
+    "next": {"table": [(64, 4, 2, None), (64, 2, 2, None)], "embedding": [(64, 4, 1, None), (64, 4, 2, None)]},
     "launches": {
         "table": [(64, 4, 2, None), (64, 4, 1, None), (64, 4, 3, None), (64, 2, 2, None), (32, 4, 2, None),
                   (128, 8, 2, None), (64, 8, 2, None), (128, 4, 2, None)],
@@ -312,6 +323,13 @@ SWEEPS = {  # sweep: {label: (edits, gate sources)}; ablations run at the first 
         "RoPE score on tensor cores": ([rope_on_tensor_cores], BOTH),
         "L2 eviction hints": ([cache_hints], TABLE),
         "RoPE score on tensor cores + L2 eviction hints": ([rope_on_tensor_cores, cache_hints], TABLE),
+    },
+    # on the working tree's kernel (5bb89cf onwards, with the L2 hints): what each part costs, and candidates
+    "next": {
+        **{name: (edits, TABLE if "gate rows" in name else BOTH) for name, edits in restructured_ablations().items()},
+        "ablation: no L2 hints on the latent and RoPE-key tiles": ([NO_TILE_HINTS], BOTH),
+        "ablation: no L2 hint on the gate-table rows": ([NO_ROW_HINTS], TABLE),
+        "embedding rows kept in L2": ([embedding_rows_kept], EMBEDDING),
     },
 }
 # Labels: GF gate first, PI prefetch ids, LV late values, G16 bf16 gate rows, W = GF+PI+LV+G16 (WE without G16),
