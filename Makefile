@@ -71,7 +71,7 @@ bench-decode: setup  ## decode step, cache bytes, largest batch in 40 GiB per va
 	for L in $(DECODE_CONTEXTS); do $(BIN)/egmla-bench decode --size 120m --context $$L --batch 32 --budget-gib 40 \
 		--max-batch-run 1024 --prefill-rows 16 --prefill-chunk 2048 --csv $(DECODE_CSV) || exit 1; done
 	for L in $(DECODE_CONTEXTS); do $(BIN)/egmla-bench decode --size 1.2b --context $$L --batch 4 --budget-gib 40 \
-		--max-batch-run 1024 --prefill-rows 4 --prefill-chunk 1024 --csv $(DECODE_CSV) || exit 1; done
+		--max-batch-run 1024 --prefill-rows 16 --prefill-chunk 16384 --check-rows 4 --csv $(DECODE_CSV) || exit 1; done
 
 # --- Reproductions: each writes its table under experiments/<name>/ (see the README there) ---------------
 EVAL ?= offline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import small_model
@@ -31,6 +32,22 @@ def test_incremental_decode_matches_full_forward(variant):
     steps.append(model(ids[:, 16:24], cache))  # a chunk continuing a cached context
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
     assert cache.length == 24
+
+
+def test_last_only_prefill_fills_the_same_cache_and_gives_the_last_logits(variant):
+    """last_only (prefilling a prompt) returns the last position's logits and leaves the cache as a full pass."""
+    model = small_model(variant)
+    torch.manual_seed(4)
+    ids = torch.randint(0, 97, (2, 12))
+    full_cache, last_cache = model.new_cache(batch=2, capacity=13), model.new_cache(batch=2, capacity=13)
+    full = model(ids, full_cache)
+    last = model(ids, last_cache, last_only=True)
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
+    step = torch.randint(0, 97, (2, 1))
+    torch.testing.assert_close(model(step, last_cache), model(step, full_cache), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="the loss needs every position"):
+        model(ids, targets=ids, last_only=True)
 
 
 def test_generate_greedy_is_argmax_of_full_forward(variant):

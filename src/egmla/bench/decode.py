@@ -152,7 +152,7 @@ def prefill(model, cache, context: int, rows_per_pass: int, chunk: int, generato
             ids = sample_ids(model.cfg.vocab_size, (r1 - r0, context), ids_distribution, generator, device)
             rows = cache_rows(cache, r0, r1)
             for s0 in range(0, context, chunk):
-                model(ids[:, s0 : s0 + chunk], rows)
+                model(ids[:, s0 : s0 + chunk], rows, last_only=True)
     cache.length = context
 
 

@@ -285,7 +285,7 @@ class EgmlaLM(TemplateLM):
         done = [False] * n
         with self._inference():
             cache = self.model.new_cache(n, total, dtype=self._cache_dtype())
-            logits = self._call(ids[:, :start], cache)[:, -1]
+            logits = self._call(ids[:, :start], cache, last_only=True)[:, -1]
             for pos in range(start, total):
                 generating = prompt_lengths <= pos
                 token = torch.where(generating, _pick(logits, options.temperature, options.top_k), ids[:, pos])
@@ -307,7 +307,7 @@ class EgmlaLM(TemplateLM):
 
     # --- the model call ---------------------------------------------------------------------------------
 
-    def _call(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
+    def _call(self, ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
         """bf16 autocast on CUDA (as the model trains), full precision on the CPU."""
         autocast = (
             torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -315,7 +315,7 @@ class EgmlaLM(TemplateLM):
             else contextlib.nullcontext()
         )
         with autocast:
-            return self.model(ids, cache)
+            return self.model(ids, cache, last_only=last_only)
 
     def _inference(self):
         self.model.eval()

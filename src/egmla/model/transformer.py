@@ -70,13 +70,17 @@ class Transformer(nn.Module):
         return self.gate_tables[layer // self.cfg.attention.gate_group_size] if self.cfg.has_gate else None
 
     def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+                reduction: str = "mean", last_only: bool = False) -> torch.Tensor:  # fmt: skip
         """ids [B, T] -> logits [B, T, vocab]. With a cache, ids continue the cached context.
 
         With targets [B, T] (-100: ignored), the fp32 cross-entropy loss instead, `reduction` "mean" or "sum",
-        fused with the output head (egmla.model.loss): the full logits never exist."""
+        fused with the output head (egmla.model.loss): the full logits never exist. With last_only, the logits
+        of the last position alone [B, 1, vocab]: what prefilling a prompt needs (a 16K-token prompt's full
+        logits would be 1.6 GB per sequence in bf16)."""
         if targets is not None and cache is not None:
             raise ValueError("targets and a decode cache were both given: the loss is for full sequences, drop one")
+        if targets is not None and last_only:
+            raise ValueError("targets and last_only were both given: the loss needs every position, drop one")
         start = cache.length if cache is not None else 0
         context_ids = None
         if cache is not None:
@@ -95,7 +99,7 @@ class Transformer(nn.Module):
         if targets is not None:
             return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, reduction,
                                         compile=self.compile_loss)  # fmt: skip
-        return self.output_head(self.norm(x))
+        return self.output_head(self.norm(x[:, -1:] if last_only else x))
 
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [..., vocab_size]. The weight gets zero rows for the matmul where padded_vocab says so (a large
@@ -125,7 +129,7 @@ class Transformer(nn.Module):
         if max_new_tokens <= 0:
             return ids
         cache = self.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
-        logits = self(ids, cache)[:, -1]
+        logits = self(ids, cache, last_only=True)[:, -1]
         out = [ids]
         for step in range(max_new_tokens):
             next_id = _sample(logits, temperature, top_k)
