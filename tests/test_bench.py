@@ -41,7 +41,8 @@ def test_bench_train_entries_with_their_own_overrides(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv[:-2], "--variants", "egmla:attention.bogus=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("egmla-bench: error:") and "attention.bogus" in err[0], err
+    assert err[0].startswith("[1/1] egmla:attention.bogus=1: 0 warm-up steps, then 1 timed"), err  # progress
+    assert len(err) == 2 and err[1].startswith("egmla-bench: error:") and "attention.bogus" in err[1], err
 
 
 def test_bench_train_sharded_path_runs_on_two_cpu_processes(tmp_path):

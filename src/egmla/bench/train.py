@@ -194,7 +194,11 @@ def run(args) -> int:
     compile_scope = None if args.no_compile or device.type != "cuda" else args.compile_scope
     rows, stamp = [], bench_stamp()
     try:
-        for variant in args.variants:
+        for i, variant in enumerate(args.variants, 1):
+            if rank_zero:  # the warm-up holds the compilation: about a minute a variant on a GPU
+                compiling = " (compiling)" if compile_scope else ""
+                print(f"[{i}/{len(args.variants)}] {variant}: {args.warmup} warm-up steps{compiling}, then "
+                      f"{args.steps} timed", file=sys.stderr, flush=True)  # fmt: skip
             row = bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup, compile_scope,
                                 overrides, device, args.profile, args.ac, not args.no_reshard,
                                 args.prefetch, args.loss)  # fmt: skip
