@@ -4,7 +4,6 @@ jsonl corpus with the overrides, runner and log reader of the tests that train t
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import random
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from egmla.kernels import triton_available
 from egmla.model import AttentionConfig, ModelConfig, Transformer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,16 +26,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 WORDS = "the of and to in that it is was he for on are as with his they at be this from have or by one".split()  # noqa: SIM905
 
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+def triton_interpreted(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """`python args...` in a fresh process under the Triton CPU interpreter, with tests/ importable."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_under_triton_interpreter(code: str, timeout: int) -> None:
-    """Run `code`, a script that prints "ok" once its checks pass, in a fresh Python under the Triton CPU
-    interpreter with tests/ importable; fail with the end of its stderr otherwise."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    """Run `code`, a script that prints "ok" once its checks pass, under the Triton CPU interpreter; fail with
+    the end of its stderr otherwise."""
+    done = triton_interpreted(["-c", textwrap.dedent(code)], timeout)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 

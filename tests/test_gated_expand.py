@@ -2,15 +2,12 @@
 against the model's own PyTorch path, under the Triton CPU interpreter (skipped where triton is not installed,
 as in CI); and its refusals, which need no triton."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import needs_triton, run_under_triton_interpreter, small_model
+from conftest import needs_triton, run_under_triton_interpreter, small_model, triton_interpreted
 from egmla.model import ConfigError
 
 FUSED = {"variant": "egmla", "fused_expand": True, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16,
@@ -69,8 +66,7 @@ def test_fused_expansion_needs_powers_of_two_and_is_ignored_by_other_variants():
 def test_the_fused_expand_experiment_checks_the_op_against_fp32_under_the_interpreter():
     """experiments/throughput/fused_expand.py: k, v and every input gradient of the fused op against fp32."""
     script = Path(__file__).resolve().parents[1] / "experiments/throughput/fused_expand.py"
-    done = subprocess.run([sys.executable, str(script)], env=dict(os.environ, TRITON_INTERPRET="1"),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = triton_interpreted([str(script)], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines()[1:]]
     assert [row[0] for row in rows] == ["k", "v", "d_latent", "d_emb", "d_k_rope", "d_W_ukv", "d_W_ue",

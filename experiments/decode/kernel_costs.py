@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from egmla.bench.timing import cuda_milliseconds
 from egmla.config import build_model, compose
 from egmla.kernels import enable_fused_decode
 
@@ -361,14 +362,7 @@ class Timer:
         out = fn()
         if self.interpret:
             return float("nan"), out
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / n * 1000 / self.batch, out
+        return cuda_milliseconds(fn, n) * 1000 / self.batch, out
 
 
 def main() -> None:

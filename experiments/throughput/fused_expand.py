@@ -17,9 +17,9 @@ import itertools
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 
+from egmla.bench.timing import cuda_milliseconds
 from egmla.config import build_model, compose
 from egmla.kernels import gated_expand as ge
 
@@ -27,126 +27,106 @@ NAMES = ["k", "v", "d_latent", "d_emb", "d_k_rope", "d_W_ukv", "d_W_ue", "d_k_we
          "d_v_bias"]  # fmt: skip
 
 
-def plain(latent, emb, k_rope, w_ukv, w_ue, k_weight, k_bias, v_weight, v_bias, n_heads, d_nope, shared,
-          activation, norm, eps):  # fmt: skip
-    """gated_expand's function as LatentAttention._attend_expanded computes it, with the layer's settings."""
-    n = latent.shape[0]
-    k_nope, v = (latent @ w_ukv.t()).view(n, n_heads, -1).split([d_nope, w_ukv.shape[0] // n_heads - d_nope], -1)
-    g = {"none": lambda x: x, "sigmoid": torch.sigmoid, "silu": F.silu}[activation](emb @ w_ue.t())
-    g_k, g_v = (g, g) if shared else g.view(n, n_heads, -1).split([d_nope, v.shape[-1]], dim=-1)
-
-    def normalise(x, weight, bias):
-        if norm == "layernorm":
-            return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-        return F.rms_norm(x, x.shape[-1:], weight, eps) if norm == "rmsnorm" else x
-
-    k = torch.cat([normalise(k_nope * g_k.reshape(k_nope.shape), k_weight, k_bias),
-                   k_rope[:, None].expand(n, n_heads, -1)], dim=-1)  # fmt: skip
-    return k, normalise(v * g_v.reshape(v.shape), v_weight, v_bias)
-
-
 class Layer:
-    """Random inputs, the first layer's weights and output gradients at the op's shapes."""
+    """The first EG-MLA layer of the 120M model (fp32 weights, norm parameters moved off their init so that their
+    gradients are checked too), random inputs rounded to `dtype` (held in fp32 leaves, so that the fp32
+    reference keeps its gradients unrounded) and random output gradients."""
 
     def __init__(self, tokens: int, device: torch.device, dtype: torch.dtype):
         cfg = compose(["model=120m", "attention=egmla"])
-        attn = build_model(cfg).blocks[0].attn.to(device)
-        self.device = device
-        self.dims = dict(H=cfg.model.n_heads, DN=attn.d_nope, DV=attn.d_v, DR=attn.d_rope, DC=attn.d_c,
-                         GD=attn.gate.up.in_features)  # fmt: skip
         torch.manual_seed(0)
+        self.attn = attn = build_model(cfg).blocks[0].attn.to(device)
+        self.norms = [attn.k_norm.weight, attn.k_norm.bias, attn.v_norm.weight, attn.v_norm.bias]
+        with torch.no_grad():
+            for p in self.norms:
+                p.add_(0.1 * torch.randn_like(p))
+        self.device, self.dtype = device, dtype
 
         def randn(*shape):
-            return torch.randn(*shape, device=device).to(dtype).requires_grad_()
+            return torch.randn(1, *shape, device=device).to(dtype).float().requires_grad_()
 
-        self.inputs = [randn(tokens, attn.d_c), randn(tokens, self.dims["GD"]), randn(tokens, attn.d_rope),
-                       attn.wkv_b.weight.detach().to(dtype).requires_grad_(),
-                       attn.gate.up.weight.detach()[: attn.gate.width].to(dtype).requires_grad_()]  # fmt: skip
-        # norm parameters off their init, so that their gradients are checked too
-        norms = (attn.k_norm.weight, attn.k_norm.bias, attn.v_norm.weight, attn.v_norm.bias)
-        self.inputs += [(p.detach().float() + 0.1 * torch.randn_like(p.float())).requires_grad_() for p in norms]
-        a = cfg.attention
-        self.options = (cfg.model.n_heads, attn.d_nope, a.gate_kv == "shared", a.gate_activation, a.gate_norm,
-                        attn.k_norm.eps)  # fmt: skip
-        d = self.dims
-        self.grads = (torch.randn(tokens, d["H"], d["DN"] + d["DR"], device=device, dtype=dtype),
-                      torch.randn(tokens, d["H"], d["DV"], device=device, dtype=dtype))  # fmt: skip
+        self.latent, self.emb, self.k_rope = (
+            randn(tokens, attn.d_c),
+            randn(tokens, attn.gate.up.in_features),
+            randn(tokens, attn.d_rope),
+        )
+        self.grads = (torch.randn(1, tokens, attn.n_heads, attn.d_nope + attn.d_rope, device=device, dtype=dtype),
+                      torch.randn(1, tokens, attn.n_heads, attn.d_v, device=device, dtype=dtype))  # fmt: skip
 
-    def step(self, fn) -> list[torch.Tensor]:
-        """Forward + backward of fn; (k, v, every input's gradient) in fp32."""
-        for t in self.inputs:
+    def leaves(self) -> list[torch.Tensor]:
+        """What each path's gradients are compared on, in NAMES order after k and v (W_ue: the whole gate
+        up-projection, which is the content's gate without a gated RoPE key)."""
+        a = self.attn
+        return [self.latent, self.emb, self.k_rope, a.wkv_b.weight, a.gate.up.weight, *self.norms]
+
+    def fp32(self):
+        """The model's plain path in fp32."""
+        return self.attn.expand(self.latent, self.k_rope, self.attn.gate(self.emb)[0])
+
+    def plain(self):
+        """The model's plain path as it trains: under bf16 autocast (bf16 matmuls, fp32 norms) on a GPU."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.fp32()
+
+    def fused(self):
+        """The model's fused path (attention.fused_expand=true), under the same autocast."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.attn.expand_fused(self.latent, self.k_rope, self.emb)
+
+    def step(self, path) -> list[torch.Tensor]:
+        """Forward + backward of a path; (k, v, every leaf's gradient) in fp32."""
+        for t in self.leaves():
             t.grad = None
-        k, v = fn(*self.inputs, *self.options)
+        k, v = path()
         torch.autograd.backward((k, v), self.grads)
-        return [k.float(), v.float()] + [t.grad.float() for t in self.inputs]
-
-
-def fp32(*args):
-    return plain(*[a.float() if torch.is_tensor(a) else a for a in args])
-
-
-def autocast(*args):  # bf16 matmuls and fp32 norms, as the model runs under autocast
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        return plain(*args)
-
-
-def milliseconds(fn, n: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+        return [k.float(), v.float()] + [t.grad.float() for t in self.leaves()]
 
 
 def compare(layer: Layer, interpret: bool) -> None:
-    reference = layer.step(fp32)
-    fused = layer.step(ge.gated_expand)
-    plain_path = (lambda *a: plain(*a)) if interpret else autocast
-    ours = layer.step(plain_path)
+    reference = layer.step(layer.fp32)
+    fused, plain = layer.step(layer.fused), layer.step(layer.plain)
     print("relative error against fp32 on the same inputs:   fused   plain")
-    for name, f, p, r in zip(NAMES, fused, ours, reference, strict=True):
+    for name, f, p, r in zip(NAMES, fused, plain, reference, strict=True):
         scale = r.norm().clamp_min(1e-12)
         print(f"  {name:12s} {((f - r).norm() / scale).item():36.1e} {((p - r).norm() / scale).item():7.1e}")
     if interpret:
         return
     print("forward + backward of one layer, ms:")
-    paths = {"plain, eager": autocast, "plain, compiled": torch.compile(autocast), "fused, eager": ge.gated_expand,
-             "fused, compiled": torch.compile(ge.gated_expand)}  # fmt: skip
-    for label, fn in paths.items():
-        print(f"  {label:16s} {milliseconds(functools.partial(layer.step, fn)):7.3f}", flush=True)
+    paths = {"plain, eager": layer.plain, "plain, compiled": torch.compile(layer.plain), "fused, eager": layer.fused,
+             "fused, compiled": torch.compile(layer.fused)}  # fmt: skip
+    for label, path in paths.items():
+        print(f"  {label:16s} {cuda_milliseconds(functools.partial(layer.step, path), 20, warmup=3):7.3f}", flush=True)
 
 
 def launches(layer: Layer, interpret: bool) -> None:
     """Each kernel alone at tokens per program x warps x pipeline stages; the op launches BLOCK_N on 4 warps and
     3 stages (Triton's defaults)."""
-    latent, emb, k_rope, w_ukv, w_ue, kw, kb, vw, vb = (t.detach() for t in layer.inputs)
-    h, shared, act, norm, eps = layer.options[0], layer.options[2], layer.options[3], layer.options[4], layer.options[5]
-    d, n = layer.dims, latent.shape[0]
-    consts = dict(H=h, DN=d["DN"], DV=d["DV"], DC=d["DC"], GD=d["GD"], SHARED=shared, ACT_KIND=ge.ACT[act],
-                  NORM_KIND=ge.NORM[norm], UPCAST=ge.UPCAST)  # fmt: skip
-    dk, dv = (g.detach()[..., : d["DN"]] if i == 0 else g for i, g in enumerate(layer.grads))
+    a, dtype = layer.attn, layer.dtype
+    latent, emb, k_rope = (t.detach()[0].to(dtype) for t in (layer.latent, layer.emb, layer.k_rope))
+    w_ukv, w_ue = a.wkv_b.weight.detach().to(dtype), a.gate.up.weight.detach()[: a.gate.width].to(dtype)
+    kw, kb, vw, vb = (p.detach() for p in layer.norms)
+    h, d_nope, d_v, d_rope, eps = a.n_heads, a.d_nope, a.d_v, a.d_rope, a.k_norm.eps
+    n = latent.shape[0]
+    kinds = dict(SHARED=a.gate_kv == "shared", ACT_KIND=ge.ACT[a.gate.activation_kind], NORM_KIND=ge.NORM[a.gate_norm])
+    consts = dict(H=h, DN=d_nope, DV=d_v, DC=a.d_c, GD=emb.shape[1], UPCAST=ge.UPCAST, **kinds)
+    dk, dv = layer.grads[0][0, ..., :d_nope], layer.grads[1][0]
 
     def empty(*shape, dtype=latent.dtype):
         return torch.empty(*shape, dtype=dtype, device=latent.device)
 
     def forward(block, warps, stages):
-        k, v = empty(n, h, d["DN"] + d["DR"]), empty(n, h, d["DV"])
+        k, v = empty(n, h, d_nope + d_rope), empty(n, h, d_v)
         ge._gated_expand_fwd[(h * triton.cdiv(n, block),)](
             latent, emb, k_rope, w_ukv, w_ue, kw, kb, vw, vb, k, v, n, eps,
             latent.stride(0), emb.stride(0), k_rope.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            DR=d["DR"], BLOCK=block, num_warps=warps, num_stages=stages, **consts,
+            DR=d_rope, BLOCK=block, num_warps=warps, num_stages=stages, **consts,
         )  # fmt: skip
         return torch.cat([k.flatten(), v.flatten()])
 
     def backward(block, warps, stages):
         tiles = triton.cdiv(n, block)
         d_kv, d_g = empty(n, w_ukv.shape[0]), empty(n, w_ue.shape[0])
-        d_norm = empty(tiles * h, 2 * d["DN"] + 2 * d["DV"], dtype=torch.float32)
+        d_norm = empty(tiles * h, 2 * d_nope + 2 * d_v, dtype=torch.float32)
         ge._gated_expand_bwd[(h * tiles,)](
             latent, emb, w_ukv, w_ue, kw, kb, vw, vb, dk, dv, d_kv, d_g, d_norm, n, eps,
             latent.stride(0), emb.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -161,7 +141,7 @@ def launches(layer: Layer, interpret: bool) -> None:
                 continue
             run = functools.partial(kernel, block, warps, stages)
             out = run()
-            us = float("nan") if interpret else 1000 * milliseconds(run)
+            us = float("nan") if interpret else 1000 * cuda_milliseconds(run, 20, warmup=3)
             error = ((out.float() - reference).norm() / reference.norm()).item()
             print(f"  {name:8s} {block:3d} tokens, {warps} warps, {stages} stages: {us:8.1f} us  err {error:.1e}",
                   flush=True)  # fmt: skip

@@ -38,6 +38,7 @@ from .. import accounting, kernels
 from ..config import build_model, compose
 from ..model import ConfigError
 from ..train.rundir import append_csv, bench_stamp
+from .timing import cuda_milliseconds
 
 CSV_COLUMNS = ["variant", "size", "context", "batch", "card", "cache_bytes_measured", "cache_bytes_analytic",
                "step_ms", "tok_per_s", "max_batch_in_budget", "budget_gib", "us_per_seq_layer", "date",
@@ -185,8 +186,8 @@ def unfused_fp32(attn, q_nope, q_rope, latent, k_rope, ids, gate_table) -> torch
     finally:
         attn.fused_gate_rows, attn.fused_weights = rows, weights
     gate = ref.gate(torch.nn.functional.embedding(ids, gate_table.weight.float()))[0]
-    y = ref._attend_expanded(
-        q_nope[:, :, None].float(), q_rope[:, :, None].float(), latent.float(), k_rope.float(), gate
+    y = ref._attend(
+        q_nope[:, :, None].float(), q_rope[:, :, None].float(), *ref.expand(latent.float(), k_rope.float(), gate)
     )
     return y[:, :, 0]
 
@@ -244,17 +245,10 @@ def time_step(model, cache, next_ids: torch.Tensor, steps: int, warmup: int, gra
         with torch.cuda.graph(cuda_graph):
             step()
         run = cuda_graph.replay
-    for _ in range(warmup):
-        run()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(steps):
-        run()
-    end.record()
-    end.synchronize()
+    milliseconds = cuda_milliseconds(run, steps, warmup)
     cache.length = context
     del cuda_graph
-    return begin.elapsed_time(end) / steps
+    return milliseconds
 
 
 def bench_row(model, name: str, size: str, context: int, batch: int, args, device, card: str) -> dict:

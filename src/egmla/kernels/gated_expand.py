@@ -2,7 +2,7 @@
 with g = act(W_ue e), per head, in one kernel that writes only k and v (the expanded K/V and the gate never
 reach memory before the norm). The backward recomputes the expansion and the gate from c and e, and writes
 the gradients of the expansion and of the gate's pre-activation; the four weight and input gradients are
-then plain matmuls (cuBLAS). The same function in PyTorch is LatentAttention._attend_expanded.
+then plain matmuls (cuBLAS). The same function in PyTorch is LatentAttention.expand.
 
 Importing this module imports triton: LatentAttention does so only with attention.fused_expand=true.
 """

@@ -181,14 +181,19 @@ class LatentAttention(nn.Module):
                 gate, _ = self.gate(gate_table(context_ids))  # recompute the gate for the whole context
         if self.absorb and cache is not None:
             y = self._attend_absorbed(q_nope, q_rope, latent, k_rope)
-        elif fused:
-            y = self._attend_fused_expansion(q_nope, q_rope, latent, k_rope, emb)
-        else:
-            y = self._attend_expanded(q_nope, q_rope, latent, k_rope, gate)
+        else:  # expand K/V for every context token from the latent, (gate and normalise,) then attend
+            k, v = self.expand_fused(latent, k_rope, emb) if fused else self.expand(latent, k_rope, gate)
+            y = self._attend(q_nope, q_rope, k, v)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
-    def _attend_expanded(self, q_nope, q_rope, latent, k_rope, gate):
-        """Expand K/V for every context token from the latent, (gate and normalise,) then attend."""
+    def _attend(self, q_nope, q_rope, k, v):
+        """SDPA of the queries [b, h, t, .] over expanded K/V [b, s, h, .]."""
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        return causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), self.scale)
+
+    def expand(self, latent, k_rope, gate):
+        """K [b, s, h, d_nope + d_rope] and V [b, s, h, d_v] of every token from its latent and (rotated) RoPE
+        key; for EG-MLA gating the content, gated by `gate` and normalised per head (what gated_expand fuses)."""
         b, s, _ = latent.shape
         kv = self.wkv_b(latent).view(b, s, self.n_heads, self.d_nope + self.d_v)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
@@ -199,12 +204,11 @@ class LatentAttention(nn.Module):
                 g_k, g_v = gate.view(b, s, self.n_heads, self.d_nope + self.d_v).split([self.d_nope, self.d_v], dim=-1)
             k_nope, v = self.k_norm(k_nope * g_k), self.v_norm(v * g_v)
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(b, s, self.n_heads, self.d_rope)], dim=-1)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        return causal_attention(q, k.transpose(1, 2), v.transpose(1, 2), self.scale)
+        return k, v
 
-    def _attend_fused_expansion(self, q_nope, q_rope, latent, k_rope, emb):
-        """As _attend_expanded for EG-MLA gating the content, with the gate, norms and expansion in one Triton
-        kernel (egmla.kernels.gated_expand) fed with the gate's embedding rows; K/V in the compute dtype."""
+    def expand_fused(self, latent, k_rope, emb):
+        """As expand for EG-MLA gating the content, with the gate, norms and expansion in one Triton kernel
+        (egmla.kernels.gated_expand) fed with the gate's embedding rows `emb`; K/V in the compute dtype."""
         if latent.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(
                 "attention.fused_expand=true runs on CUDA GPUs: set attention.fused_expand=false on a CPU"
@@ -221,9 +225,7 @@ class LatentAttention(nn.Module):
             self.n_heads, self.d_nope, self.gate_kv == "shared", self.gate.activation_kind, self.gate_norm,
             getattr(self.k_norm, "eps", 0.0),
         )  # fmt: skip
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        k, v = k.view(b, s, self.n_heads, -1).transpose(1, 2), v.view(b, s, self.n_heads, -1).transpose(1, 2)
-        return causal_attention(q.to(dtype), k, v, self.scale)
+        return k.view(b, s, self.n_heads, -1), v.view(b, s, self.n_heads, -1)
 
     def _attend_fused(self, q_nope, q_rope, latent, k_rope, context_ids, gate_table):
         """One new token per sequence, through egmla.kernels: K/V are expanded, gated and normalised on chip."""

@@ -103,13 +103,13 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     mcfg = model_config(cfg)
     _check_settings(cfg)
     if mcfg.keeps_ids and mcfg.attention.fused_expand:  # the Triton kernel of EG-MLA gating the content
-        import importlib.util
-
         import torch
+
+        from ..kernels import triton_available
 
         if cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available():
             raise ConfigError("attention.fused_expand=true runs on CUDA GPUs: use trainer=gpu or set it to false")
-        if importlib.util.find_spec("triton") is None:
+        if not triton_available():
             raise ConfigError("attention.fused_expand=true needs triton: pip install triton, or set it to false")
     if str(cfg.trainer.precision).startswith("16"):
         raise ConfigError(
