@@ -16,7 +16,14 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed  ## create .venv and install egmla with its test tools
+# BIN on the command line: use an environment that already holds egmla and its dependencies (a cluster image,
+# a GPU node without network), e.g. `make bench BIN=$(dirname $(which egmla-bench))`; no .venv is made.
+ifeq ($(origin BIN),command line)
+setup:
+	@test -x "$(BIN)/egmla-bench" || { echo "make: BIN=$(BIN) has no egmla-bench: pip install egmla into that environment, or leave BIN unset to use $(VENV)"; exit 1; }
+else
+setup: $(VENV)/.installed  ## create .venv and install egmla with its test tools (BIN=dir: use that environment instead)
+endif
 
 # torch is named in the same pip command as everything else, so nothing resolves to a CUDA build.
 $(VENV)/.installed: pyproject.toml
