@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
 
 from conftest import offline_env
 from egmla.bench import main
 from egmla.bench.train import CSV_COLUMNS
+from egmla.config import build_model, compose
 
 
 def test_bench_train_smoke_writes_rows(tmp_path, capsys):
@@ -47,9 +54,6 @@ def test_bench_train_entries_with_their_own_overrides(tmp_path, capsys):
 
 def test_bench_train_sharded_path_runs_on_two_cpu_processes(tmp_path):
     """--gpus 2 relaunches itself under torchrun and shards with FSDP2 (gloo here, NCCL on GPUs)."""
-    import subprocess
-    import sys
-
     out = tmp_path / "bench.csv"
     argv = ["train", "--size", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--gpus", "2",
             "--variants", "egmla", "--ac", "selective", "--prefetch", "2", "--set", "model.vocab_size=257",
@@ -60,3 +64,27 @@ def test_bench_train_sharded_path_runs_on_two_cpu_processes(tmp_path):
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["variant"] == "egmla-kv16-g32" and float(rows[0]["tok_per_s"]) > 0
+
+
+def test_frozen_tables_experiment_freezes_the_gate_tables_alone(tmp_path):
+    """experiments/throughput/frozen_tables.py: its models train everything but the gate tables, and it runs."""
+    script = Path(__file__).resolve().parents[1] / "experiments/throughput/frozen_tables.py"
+    spec = importlib.util.spec_from_file_location("frozen_tables", script)
+    frozen_tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frozen_tables)
+    torch.manual_seed(0)
+    model = frozen_tables.frozen_gate_tables(build_model)(compose(["model=tiny", "attention=egmla"]))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # as the benchmark builds it: every parameter
+    model(torch.randint(0, 97, (2, 16))).float().square().mean().backward()
+    optimizer.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == set(before) - {name for name in before if name.startswith("gate_tables")}
+    assert any(name.startswith("gate_tables") for name in before)
+
+    argv = [sys.executable, str(script), "--size", "tiny", "--seq", "32", "--batch", "2", "--steps", "1",
+            "--warmup", "0"]  # fmt: skip
+    done = subprocess.run(argv, env=offline_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    variants = [line.split()[0] for line in done.stdout.splitlines()[1:]]
+    assert variants == ["mla-kv64", "egmla-kv16-g32", "egmla-kv16-g32-frozen-tables"], done.stdout
