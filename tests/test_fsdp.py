@@ -6,6 +6,7 @@ Lightning re-launches the command once per extra rank, so the distributed runs a
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -173,3 +174,46 @@ def test_a_new_sharded_checkpoint_replaces_a_link_not_its_target(tmp_path):
         assert not last.is_symlink() and (last / "shard").read_text() == content
     assert (step / "shard").read_text() == "step 4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step0000004.ckpt"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(args: list[str], launcher: str) -> None:
+    """egmla-train as two nodes of one rank each on this host, started the way torchrun or srun starts them."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        env = offline_env(OMP_NUM_THREADS="1")  # as torchrun sets it, so that every run sums in the same order
+        if launcher == "torchrun":  # the README's multi-node command: c10d rendezvous, one agent per node
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=egmla-test"]  # fmt: skip
+        else:  # what `srun --nodes 2 --ntasks-per-node 1` puts in each task's environment
+            cmd = [sys.executable]
+            env |= dict(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_PROCID=str(node),
+                        SLURM_LOCALID="0", SLURM_NODEID=str(node), SLURM_NODELIST="127.0.0.1", SLURM_JOB_ID="4242",
+                        SLURM_JOB_NAME="egmla", MASTER_PORT=str(port))  # fmt: skip
+        cmd += ["-m", "egmla.train", *args, "trainer.num_nodes=2", "trainer.devices=1"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+
+
+def test_fsdp2_across_two_nodes_under_torchrun_and_slurm_matches_one_node(corpus, tmp_path):
+    """The README's multi-node launches with no code change: two nodes of one rank each (here both on this host)
+    train as one node with two ranks does, to the same losses, and write one sharded checkpoint together."""
+    common = [*FSDP[:2], "trainer.precision=32-true", "attention=egmla", "train.max_steps=3", "train.ckpt_every=3"]
+    egmla_train(overrides(corpus, tmp_path / "one_node", *common, "trainer.devices=2"), torchrun=True)
+    reference = train_losses(tmp_path / "one_node")
+    assert sorted(reference) == [0, 1, 2]
+    for launcher in ("torchrun", "slurm"):
+        run_dir = tmp_path / launcher
+        two_nodes(overrides(corpus, run_dir, *common), launcher)
+        assert train_losses(run_dir) == pytest.approx(reference, rel=1e-6), launcher
+        last = run_dir / "checkpoints" / "last.ckpt"
+        assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+        assert json.loads((run_dir / "results.json").read_text())["train"]["devices"] == 2, launcher
