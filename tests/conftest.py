@@ -4,6 +4,7 @@ jsonl corpus with the overrides, runner and log reader of the tests that train t
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import random
@@ -41,6 +42,15 @@ def run_under_triton_interpreter(code: str, timeout: int) -> None:
     the end of its stderr otherwise."""
     done = triton_interpreted(["-c", textwrap.dedent(code)], timeout)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def load_script(relative: str):
+    """A script of the repository (e.g. experiments/decode/kernel_costs.py) imported as a module."""
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_jsonl(path: Path, texts: Iterable[str]) -> None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-from conftest import offline_env
+from conftest import load_script, offline_env
 from egmla.bench import main
 from egmla.bench.train import CSV_COLUMNS
 from egmla.config import build_model, compose
@@ -68,10 +66,7 @@ def test_bench_train_sharded_path_runs_on_two_cpu_processes(tmp_path):
 
 def test_frozen_tables_experiment_freezes_the_gate_tables_alone(tmp_path):
     """experiments/throughput/frozen_tables.py: its models train everything but the gate tables, and it runs."""
-    script = Path(__file__).resolve().parents[1] / "experiments/throughput/frozen_tables.py"
-    spec = importlib.util.spec_from_file_location("frozen_tables", script)
-    frozen_tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(frozen_tables)
+    frozen_tables = load_script("experiments/throughput/frozen_tables.py")
     torch.manual_seed(0)
     model = frozen_tables.frozen_gate_tables(build_model)(compose(["model=tiny", "attention=egmla"]))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -82,7 +77,7 @@ def test_frozen_tables_experiment_freezes_the_gate_tables_alone(tmp_path):
     assert changed == set(before) - {name for name in before if name.startswith("gate_tables")}
     assert any(name.startswith("gate_tables") for name in before)
 
-    argv = [sys.executable, str(script), "--size", "tiny", "--seq", "32", "--batch", "2", "--steps", "1",
+    argv = [sys.executable, frozen_tables.__file__, "--size", "tiny", "--seq", "32", "--batch", "2", "--steps", "1",
             "--warmup", "0"]  # fmt: skip
     done = subprocess.run(argv, env=offline_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

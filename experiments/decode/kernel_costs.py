@@ -55,6 +55,7 @@ W_UE = (
     + "w_ue_v = tl.load(W_UE + gate_v[None, :] * GD + offs_g[:, None])\n"
 )
 PV = I8 + "acc = acc * alpha[:, None] + tl.sum(coef[:, :, None] * y, axis=0)\n"
+ROPE_SCORE = "score += tl.sum(k_r.to(tl.float32)[:, None, :] * qr[None, :, :], axis=2)"
 
 
 def replace(old: str, new: str):
@@ -64,6 +65,9 @@ def replace(old: str, new: str):
         return text.replace(old, new)
 
     return edit
+
+
+IN_ORDER = replace("row = G + tok[:, None] * s_g_v", "row = G + pos[:, None].to(tl.int64) * s_g_v")  # no gather
 
 
 def gate_first(text: str) -> str:
@@ -184,35 +188,32 @@ def ablations(prefix: str, base: list) -> dict:
         replace("x = _dot(c, wuk_t, UPCAST)", "x = c.to(tl.float32)"),
         replace("y = _dot(c, wuv_t, UPCAST)", "y = c.to(tl.float32)"),
     ]
-    rope = "score += tl.sum(k_r.to(tl.float32)[:, None, :] * qr[None, :, :], axis=2)"
-    in_order = replace("row = G + tok[:, None] * s_g_v", "row = G + pos[:, None].to(tl.int64) * s_g_v")
     return {
         f"{prefix}no gate (no gate loads, no products)": base + no_gate,
         f"{prefix}no expansion dots (x = y = latent)": base + no_dots,
         f"{prefix}no LayerNorm folding": base + [replace("NORM_KIND=NORM[w.norm]", "NORM_KIND=0")],
-        f"{prefix}no RoPE key": base + [replace(rope, "")],
+        f"{prefix}no RoPE key": base + [replace(ROPE_SCORE, "")],
         f"{prefix}no value accumulation": base + [replace(PV, I8 + "acc = acc * alpha[:, None]\n")],
-        f"{prefix}gate rows read in order (no random gather)": base + [in_order],
+        f"{prefix}gate rows read in order (no random gather)": base + [IN_ORDER],
     }
 
 
 def restructured_ablations() -> dict:
-    """Ablations of the restructured kernel (522d6a9 onwards)."""
+    """Ablations of the restructured kernel (522d6a9 onwards), with the gate sources each applies to."""
     x, y = "_dot(c, wuk_t, UPCAST)", "_dot(c, wuv_t, UPCAST)"
-    rope = "score += tl.sum(k_r.to(tl.float32)[:, None, :] * qr[None, :, :], axis=2)"
     pv = "acc = acc * alpha_rows[:, None] + _dot(a, y, UPCAST)"
-    in_order = replace("row = G + tok[:, None] * s_g_v", "row = G + pos[:, None].to(tl.int64) * s_g_v")
-    return {
+    edits = {
         "ablation: no gate (no gate loads, no products)": [replace(f"{x} * g_k", x), replace(f"{y} * g_v", y)],
         "ablation: no expansion dots (x = y = latent)": [
             replace(x, "c.to(tl.float32)"),
             replace(y, "c.to(tl.float32)"),
         ],
         "ablation: no LayerNorm folding": [replace("NORM_KIND=NORM[w.norm]", "NORM_KIND=0")],
-        "ablation: no RoPE key": [replace(rope, "")],
+        "ablation: no RoPE key": [replace(ROPE_SCORE, "")],
         "ablation: no value accumulation": [replace(pv, "acc = acc * alpha_rows[:, None]")],
-        "ablation: gate rows read in order (no random gather)": [in_order],
+        "ablation: gate rows read in order (no random gather)": [IN_ORDER],
     }
+    return {name: (edit, TABLE if "gate rows" in name else BOTH) for name, edit in edits.items()}
 
 
 def rope_on_tensor_cores(text: str) -> str:
@@ -226,7 +227,7 @@ def rope_on_tensor_cores(text: str) -> str:
         "    acc = tl.zeros([ROWS, HEADS * DV], dtype=tl.float32)\n",
         qr_t + "    acc = tl.zeros([ROWS, HEADS * DV], dtype=tl.float32)\n",
     )(text)
-    rope = I8 + "score += tl.sum(k_r.to(tl.float32)[:, None, :] * qr[None, :, :], axis=2)\n"
+    rope = I8 + ROPE_SCORE + "\n"
     new = I8 + "score += tl.sum(tl.where(own_row[None, :, :], _dot(k_r, qr_t, UPCAST)[:, :, None], 0.0), axis=1)\n"
     return replace(rope, new)(text)
 
@@ -320,14 +321,14 @@ SWEEPS = {  # sweep: {label: (edits, gate sources)}; ablations run at the first 
     "launches": {"unedited": ([], BOTH)},
     # on the restructured kernel (b7945e9): what each part costs, and two candidates (the hints were adopted)
     "costs": {
-        **{name: (edits, TABLE if "gate rows" in name else BOTH) for name, edits in restructured_ablations().items()},
+        **restructured_ablations(),
         "RoPE score on tensor cores": ([rope_on_tensor_cores], BOTH),
         "L2 eviction hints": ([cache_hints], TABLE),
         "RoPE score on tensor cores + L2 eviction hints": ([rope_on_tensor_cores, cache_hints], TABLE),
     },
     # on the working tree's kernel (5bb89cf onwards, with the L2 hints): what each part costs, and candidates
     "next": {
-        **{name: (edits, TABLE if "gate rows" in name else BOTH) for name, edits in restructured_ablations().items()},
+        **restructured_ablations(),
         "ablation: no L2 hints on the latent and RoPE-key tiles": ([NO_TILE_HINTS], BOTH),
         "ablation: no L2 hint on the gate-table rows": ([NO_ROW_HINTS], TABLE),
         "embedding rows kept in L2": ([embedding_rows_kept], EMBEDDING),

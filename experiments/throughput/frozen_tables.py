@@ -12,6 +12,7 @@ Results: experiments/throughput/README.md, "Where EG-MLA's gap to MLA sits".
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 import torch
 
@@ -40,15 +41,12 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compile_scope = "model" if device.type == "cuda" else None
     overrides = [f"model.max_seq_len={args.seq}"]
-    trainable = bench.build_model
     rows = []
     for variant, frozen in (("mla", False), ("egmla", False), ("egmla", True)):
-        bench.build_model = frozen_gate_tables(trainable) if frozen else trainable
-        try:
+        build = frozen_gate_tables(bench.build_model) if frozen else bench.build_model
+        with mock.patch.object(bench, "build_model", build):
             row = bench.bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup,
                                       compile_scope, overrides, device)  # fmt: skip
-        finally:
-            bench.build_model = trainable
         row["variant"] += "-frozen-tables" if frozen else ""
         rows.append(row)
     print(bench.format_table(rows))

@@ -17,7 +17,6 @@ import itertools
 import os
 
 import torch
-import triton
 
 from egmla.bench.timing import cuda_milliseconds
 from egmla.config import build_model, compose
@@ -104,34 +103,17 @@ def launches(layer: Layer, interpret: bool) -> None:
     a, dtype = layer.attn, layer.dtype
     latent, emb, k_rope = (t.detach()[0].to(dtype) for t in (layer.latent, layer.emb, layer.k_rope))
     w_ukv, w_ue = a.wkv_b.weight.detach().to(dtype), a.gate.up.weight.detach()[: a.gate.width].to(dtype)
-    kw, kb, vw, vb = (p.detach() for p in layer.norms)
-    h, d_nope, d_v, d_rope, eps = a.n_heads, a.d_nope, a.d_v, a.d_rope, a.k_norm.eps
-    n = latent.shape[0]
-    kinds = dict(SHARED=a.gate_kv == "shared", ACT_KIND=ge.ACT[a.gate.activation_kind], NORM_KIND=ge.NORM[a.gate_norm])
-    consts = dict(H=h, DN=d_nope, DV=d_v, DC=a.d_c, GD=emb.shape[1], UPCAST=ge.UPCAST, **kinds)
-    dk, dv = layer.grads[0][0, ..., :d_nope], layer.grads[1][0]
-
-    def empty(*shape, dtype=latent.dtype):
-        return torch.empty(*shape, dtype=dtype, device=latent.device)
+    weights = (w_ukv, w_ue, *(p.detach() for p in layer.norms))
+    options = (a.n_heads, a.d_nope, a.gate_kv == "shared", a.gate.activation_kind, a.gate_norm, a.k_norm.eps)
+    dk, dv = layer.grads[0][0, ..., : a.d_nope], layer.grads[1][0]
 
     def forward(block, warps, stages):
-        k, v = empty(n, h, d_nope + d_rope), empty(n, h, d_v)
-        ge._gated_expand_fwd[(h * triton.cdiv(n, block),)](
-            latent, emb, k_rope, w_ukv, w_ue, kw, kb, vw, vb, k, v, n, eps,
-            latent.stride(0), emb.stride(0), k_rope.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            DR=d_rope, BLOCK=block, num_warps=warps, num_stages=stages, **consts,
-        )  # fmt: skip
+        k, v = ge.launch_forward(latent, emb, k_rope, *weights, *options, block, num_warps=warps, num_stages=stages)
         return torch.cat([k.flatten(), v.flatten()])
 
     def backward(block, warps, stages):
-        tiles = triton.cdiv(n, block)
-        d_kv, d_g = empty(n, w_ukv.shape[0]), empty(n, w_ue.shape[0])
-        d_norm = empty(tiles * h, 2 * d_nope + 2 * d_v, dtype=torch.float32)
-        ge._gated_expand_bwd[(h * tiles,)](
-            latent, emb, w_ukv, w_ue, kw, kb, vw, vb, dk, dv, d_kv, d_g, d_norm, n, eps,
-            latent.stride(0), emb.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            BLOCK=block, num_warps=warps, num_stages=stages, **consts,
-        )  # fmt: skip
+        d_kv, d_g, d_norm = ge.launch_backward(dk, dv, latent, emb, *weights, *options, block, num_warps=warps,
+                                               num_stages=stages)  # fmt: skip
         return torch.cat([d_kv.flatten(), d_g.flatten(), d_norm.sum(0)])
 
     for name, kernel in (("forward", forward), ("backward", backward)):

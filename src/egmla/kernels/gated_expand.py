@@ -155,6 +155,48 @@ def _gated_expand_bwd(
         tl.store(d_g_ptr + DN + offs_v[None, :], dz_v.to(D_G.dtype.element_ty), mask=valid)
 
 
+def launch_forward(
+    latent, emb, k_rope, w_ukv, w_ue, k_weight, k_bias, v_weight, v_bias, n_heads, d_nope, shared, activation, norm,
+    eps, block: int = BLOCK_N, **launch,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The forward kernel's launch, as gated_expand makes it (`block` tokens per program; `launch`: Triton's
+    num_warps / num_stages, its defaults when absent): what the op runs and what a launch sweep varies."""
+    n, dc = latent.shape
+    dv = w_ukv.shape[0] // n_heads - d_nope
+    dr = k_rope.shape[1]
+    k = torch.empty(n, n_heads, d_nope + dr, dtype=latent.dtype, device=latent.device)
+    v = torch.empty(n, n_heads, dv, dtype=latent.dtype, device=latent.device)
+    kw, kb, vw, vb = present_or(w_ukv, k_weight, k_bias, v_weight, v_bias)
+    wrap_triton(_gated_expand_fwd)[(n_heads * triton.cdiv(n, block),)](
+        latent, emb, k_rope, w_ukv, w_ue, kw, kb, vw, vb, k, v, n, eps,
+        latent.stride(0), emb.stride(0), k_rope.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        H=n_heads, DN=d_nope, DV=dv, DR=dr, DC=dc, GD=emb.shape[1], SHARED=shared, ACT_KIND=ACT[activation],
+        NORM_KIND=NORM[norm], BLOCK=block, UPCAST=UPCAST, **launch,
+    )  # fmt: skip
+    return k, v
+
+
+def launch_backward(
+    dk, dv, latent, emb, w_ukv, w_ue, k_weight, k_bias, v_weight, v_bias, n_heads, d_nope, shared, activation, norm,
+    eps, block: int = BLOCK_N, **launch,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The backward kernel's launch, as gated_expand_backward makes it (same `block` and `launch` as above)."""
+    n, dc = latent.shape
+    d_v = w_ukv.shape[0] // n_heads - d_nope
+    tiles = triton.cdiv(n, block)
+    d_kv = torch.empty(n, w_ukv.shape[0], dtype=latent.dtype, device=latent.device)
+    d_g = torch.empty(n, w_ue.shape[0], dtype=latent.dtype, device=latent.device)
+    d_norm = torch.empty(tiles * n_heads, 2 * d_nope + 2 * d_v, dtype=torch.float32, device=latent.device)
+    kw, kb, vw, vb = present_or(w_ukv, k_weight, k_bias, v_weight, v_bias)
+    wrap_triton(_gated_expand_bwd)[(n_heads * tiles,)](
+        latent, emb, w_ukv, w_ue, kw, kb, vw, vb, dk, dv, d_kv, d_g, d_norm, n, eps,
+        latent.stride(0), emb.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        H=n_heads, DN=d_nope, DV=d_v, DC=dc, GD=emb.shape[1], SHARED=shared, ACT_KIND=ACT[activation],
+        NORM_KIND=NORM[norm], BLOCK=block, UPCAST=UPCAST, **launch,
+    )  # fmt: skip
+    return d_kv, d_g, d_norm
+
+
 @triton_op("egmla::gated_expand", mutates_args={})
 def gated_expand(
     latent: torch.Tensor, emb: torch.Tensor, k_rope: torch.Tensor, w_ukv: torch.Tensor, w_ue: torch.Tensor,
@@ -163,19 +205,8 @@ def gated_expand(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """k [N, H, d_nope + d_rope], v [N, H, d_v] from latent [N, d_c], gate embedding rows emb [N, gate_dim],
     the (rotated) RoPE key [N, d_rope], W_ukv [H * (d_nope + d_v), d_c] and W_ue [gate width, gate_dim]."""
-    n, dc = latent.shape
-    dv = w_ukv.shape[0] // n_heads - d_nope
-    dr = k_rope.shape[1]
-    k = torch.empty(n, n_heads, d_nope + dr, dtype=latent.dtype, device=latent.device)
-    v = torch.empty(n, n_heads, dv, dtype=latent.dtype, device=latent.device)
-    kw, kb, vw, vb = present_or(w_ukv, k_weight, k_bias, v_weight, v_bias)
-    wrap_triton(_gated_expand_fwd)[(n_heads * triton.cdiv(n, BLOCK_N),)](
-        latent, emb, k_rope, w_ukv, w_ue, kw, kb, vw, vb, k, v, n, eps,
-        latent.stride(0), emb.stride(0), k_rope.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        H=n_heads, DN=d_nope, DV=dv, DR=dr, DC=dc, GD=emb.shape[1], SHARED=shared, ACT_KIND=ACT[activation],
-        NORM_KIND=NORM[norm], BLOCK=BLOCK_N, UPCAST=UPCAST,
-    )  # fmt: skip
-    return k, v
+    return launch_forward(latent, emb, k_rope, w_ukv, w_ue, k_weight, k_bias, v_weight, v_bias, n_heads, d_nope,
+                          shared, activation, norm, eps)  # fmt: skip
 
 
 @triton_op("egmla::gated_expand_backward", mutates_args={})
@@ -186,20 +217,8 @@ def gated_expand_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(d of W_ukv c [N, H * (d_nope + d_v)], d of W_ue e before the activation [N, gate width], norm parameter
     gradients per tile and head [tiles * H, 2 d_nope + 2 d_v] in fp32: weight_k, bias_k, weight_v, bias_v)."""
-    n, dc = latent.shape
-    d_v = w_ukv.shape[0] // n_heads - d_nope
-    tiles = triton.cdiv(n, BLOCK_N)
-    d_kv = torch.empty(n, w_ukv.shape[0], dtype=latent.dtype, device=latent.device)
-    d_g = torch.empty(n, w_ue.shape[0], dtype=latent.dtype, device=latent.device)
-    d_norm = torch.empty(tiles * n_heads, 2 * d_nope + 2 * d_v, dtype=torch.float32, device=latent.device)
-    kw, kb, vw, vb = present_or(w_ukv, k_weight, k_bias, v_weight, v_bias)
-    wrap_triton(_gated_expand_bwd)[(n_heads * tiles,)](
-        latent, emb, w_ukv, w_ue, kw, kb, vw, vb, dk, dv, d_kv, d_g, d_norm, n, eps,
-        latent.stride(0), emb.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        H=n_heads, DN=d_nope, DV=d_v, DC=dc, GD=emb.shape[1], SHARED=shared, ACT_KIND=ACT[activation],
-        NORM_KIND=NORM[norm], BLOCK=BLOCK_N, UPCAST=UPCAST,
-    )  # fmt: skip
-    return d_kv, d_g, d_norm
+    return launch_backward(dk, dv, latent, emb, w_ukv, w_ue, k_weight, k_bias, v_weight, v_bias, n_heads, d_nope,
+                           shared, activation, norm, eps)  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):

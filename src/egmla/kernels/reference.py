@@ -124,11 +124,10 @@ def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, bloc
         alpha = torch.exp(m - m_new)
         p = torch.exp(score - m_new[..., None])
         l = l * alpha + p.sum(-1)
-        if w.norm == "layernorm":  # normalised before the affine, which is applied to the output at the end
-            y = y - y.mean(-1, keepdim=True)
-            y = y * torch.rsqrt((y * y).mean(-1, keepdim=True) + w.eps)
+        if w.norm == "layernorm":  # normalised without the affine, which is applied to the output at the end
+            y = F.layer_norm(y, y.shape[-1:], eps=w.eps)
         elif w.norm == "rmsnorm":
-            y = y * torch.rsqrt((y * y).mean(-1, keepdim=True) + w.eps)
+            y = F.rms_norm(y, y.shape[-1:], eps=w.eps)
         acc = acc * alpha[..., None] + torch.einsum("bhnt,bhntv->bhnv", p, y)
         m = m_new
     out = acc / l[..., None]
