@@ -271,3 +271,18 @@ def test_mfu_uses_the_peak_seen_during_training():
     assert meter.steady_mfu == 1e9 * 2000.0 / 1e15
     meter.peak_flops_total = None  # CPU: no agreed peak
     assert meter.steady_mfu is None
+
+
+def _all_finite(checkpoint: Path) -> bool:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_a_diverged_model_is_never_checkpointed(corpus, tmp_path, capsys):
+    """lr=1e6 with a checkpoint every step: the run stops in one line, and no checkpoint holds non-finite
+    weights (the finiteness checks run at log points and saves only, never as a per-step host sync)."""
+    run = tmp_path / "run"
+    base = overrides(corpus, run, "train.ckpt_every=1", "train.log_every=3")
+    message = _error(capsys, [*base, "optim.lr=1e6", "optim.grad_clip=0", "optim.warmup_steps=1"])
+    assert ("non-finite" in message or "training loss is" in message) and "resume=last" in message
+    assert all(_all_finite(path) for path in sorted((run / "checkpoints").glob("step*.ckpt")))

@@ -118,6 +118,13 @@ def apply_fsdp2(model: Transformer, mesh, precision: str = "bf16-mixed", reshard
         block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetch) : i][::-1])
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a tensor sharded by FSDP2 (a DTensor), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     """Clip by the global gradient norm and return it (before clipping).
 

@@ -6,6 +6,9 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class StepProgressBar(TQDMProgressBar):
+    """Redrawn every `refresh_rate` micro-batches (train.log_every): each redraw reads the logged loss from the
+    GPU, so a redraw per step would stall the host on the device once per step."""
+
     @property
     def total_train_batches(self) -> int | float:
         trainer = self.trainer
