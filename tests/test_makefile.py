@@ -29,3 +29,21 @@ def test_make_with_a_bin_without_egmla_says_so(tmp_path):
     assert done.returncode != 0
     assert f"BIN={tmp_path} has no egmla-bench: pip install egmla into that environment" in done.stdout
     assert not (tmp_path / "venv").exists()
+
+
+def test_small_study_targets_run_sweep_eval_and_table_offline(tmp_path):
+    """make reproduce-table1-small / -gate-dim-small (dry run): the sweep with its time budget, the offline
+    evaluation of every row, then the table; nothing needs the network."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "egmla-bench").write_text("#!/bin/sh\n")
+    (bin_dir / "egmla-bench").chmod(0o755)
+    for target, sweep in [("reproduce-table1-small", "table1_small"), ("reproduce-gate-dim-small", "gate_dim_small")]:
+        planned = make("-n", "-W", "data/code/fingerprint.json", "-W", "data/eval/tasks", target, f"BIN={bin_dir}",
+                       "SWEEP_BUDGET=500", "SMALL_EVAL_LIMIT=100").stdout  # fmt: skip
+        assert f"HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {bin_dir}/egmla-sweep sweeps/{sweep}.yaml" in planned
+        assert f"--out runs/sweeps/{sweep} --time-budget 500" in planned
+        assert f'--eval "{bin_dir}/egmla-eval checkpoint={{run_dir}} eval=offline eval.limit=100"' in planned
+        assert f"{bin_dir}/egmla-table runs/sweeps/{sweep} --out experiments/{sweep}" in planned
+    planned = make("-n", "data-code", f"BIN={bin_dir}").stdout
+    assert "-m egmla.data.code_corpus --out data/code --min-tokens 150000000" in planned

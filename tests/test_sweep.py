@@ -324,6 +324,11 @@ EXPECTED = {
         ],
     ),
     "scaling": (4, ["experiment=scaling", "model=650m", "attention=mla"]),
+    "table1_small": (10, ["experiment=table1_small/mla_base"]),
+    "gate_dim_small": (
+        5,
+        ["experiment=table1_small/egmla_kv64", "experiment_name=gate_dim_small", "attention.gate_dim=256"],
+    ),
     "demo_tiny": (5, ["experiment=demo_tiny", "attention=mha"]),
 }
 
@@ -374,3 +379,67 @@ def test_table1_rows_are_the_papers():
         "gqa": 6144,
         "mqa": 1536,
     }
+
+
+def test_table1_small_lists_the_study_rows_with_one_recipe():
+    """The small study: the paper's rows, the controls (MLA kv64, latent gate, additive tables) and two seeds,
+    every row on the same data, tokens and optimizer settings."""
+    from egmla import accounting
+
+    spec = load_spec(ROOT / "sweeps" / "table1_small.yaml")
+    configs = {
+        t.params["experiment"].split("/")[1]: compose(overrides_of(t.params))
+        for t in run_sweep(Runner(spec, Path("unused"), ["x"], dry_run=True), 10)
+    }
+    kv = {row: accounting.kv_elements_per_token(cfg) for row, cfg in configs.items()}
+    assert kv == {"mla_base": 3840, "egmla_kv64": 1536, "egmla_kv64_add": 1536, "mla_kv64": 1536,
+                  "egmla_kv64_latent": 1536, "egmla_kv16": 960, "egmla_kv256": 3840, "mha": 18432,
+                  "mla_base_seed2": 3840, "egmla_kv64_seed2": 1536}  # fmt: skip
+    a = {row: cfg.attention for row, cfg in configs.items()}
+    assert a["egmla_kv64_latent"].gate_on == "latent" and a["egmla_kv64"].gate_on == "content"
+    assert a["egmla_kv64_add"].gate_combine == "add" and a["egmla_kv64"].gate_combine == "multiply"
+    assert a["mla_kv64"].variant == "mla" and a["mla_kv64"].kv_lora_rank == 64
+    params = {row: accounting.param_counts(model_config(cfg))["total"] for row, cfg in configs.items()}
+    assert params["egmla_kv64_add"] == params["egmla_kv64"] > params["mla_kv64"]  # the control's parameters match
+    assert {cfg.seed for cfg in configs.values()} == {1, 2}
+    assert configs["mla_base_seed2"].seed == 2 and configs["egmla_kv64_seed2"].seed == 2
+    for cfg in configs.values():  # one recipe: same data, tokens, optimizer
+        assert cfg.data.name == "code" and cfg.data.seq_len == 2048 and cfg.model.name == "120m"
+        assert cfg.train.max_steps * cfg.data.batch_size * cfg.data.seq_len >= 40_000_000
+        assert dict(cfg.optim) == dict(configs["mla_base"].optim) and dict(cfg.train) == dict(configs["mla_base"].train)
+
+
+def test_time_budget_stops_between_trials_and_the_same_command_continues(tmp_path, fake, monkeypatch, capsys):
+    """--time-budget (a GPU time slice): no trial starts once the seconds left are fewer than the longest trial
+    took; exit 0, and rerunning the same command runs the rest without repeating any."""
+    out, spec = tmp_path / "out", str(write_spec(tmp_path, GRID))
+    clock = iter(range(0, 10_000, 40))  # every perf_counter() call advances the clock by 40 s
+    monkeypatch.setattr("egmla.sweep.time.perf_counter", lambda: float(next(clock)))
+    argv = [spec, "--out", str(out), "--train-cmd", fake.train_cmd, "--time-budget", "300"]
+    assert main(argv) == 0
+    first = [t for t in state(out)["trials"] if t["status"] == "finished"]
+    assert 1 <= len(first) < 6 and len(fake.calls()) == len(first)
+    assert "rerun the same command to continue" in capsys.readouterr().out
+    while len(fake.calls()) < 6:
+        calls = len(fake.calls())
+        assert main(argv) == 0 and len(fake.calls()) > calls  # every slice makes progress
+    assert all(t["status"] == "finished" for t in state(out)["trials"]) and len(fake.calls()) == 6
+
+
+def test_a_missing_eval_program_fails_the_trial_in_one_line(tmp_path, fake, capsys):
+    out = tmp_path / "out"
+    argv = [str(write_spec(tmp_path, GRID)), "--out", str(out), "--train-cmd", fake.train_cmd,
+            "--eval", "egmla-no-such-program checkpoint={run_dir}", "--max-trials", "1"]  # fmt: skip
+    assert main(argv) == 1
+    trial = state(out)["trials"][0]
+    assert trial["status"] == "eval_failed" and "cannot run 'egmla-no-such-program'" in trial["error"]
+
+
+def test_own_commands_resolve_beside_the_interpreter(monkeypatch, tmp_path):
+    from egmla.sweep import own_program
+
+    (tmp_path / "egmla-eval").write_text("#!/bin/sh\n")
+    monkeypatch.setattr("egmla.sweep.sys.executable", str(tmp_path / "python"))
+    assert own_program("egmla-eval") == str(tmp_path / "egmla-eval")  # no activated venv needed
+    assert own_program("python") == str(tmp_path / "python")
+    assert own_program("egmla-other") == "egmla-other" and own_program("/bin/echo") == "/bin/echo"

@@ -301,7 +301,8 @@ class Runner:
         if not self.eval_template:
             return None
         fill = {"run_dir": str(self.run_dir(trial)), "trial": trial.id, "out": str(self.out)}
-        return [_fill(token, fill) for token in shlex.split(self.eval_template)]
+        command = [_fill(token, fill) for token in shlex.split(self.eval_template)]
+        return [own_program(command[0]), *command[1:]] if command else command
 
     def needs_eval(self, trial: Trial) -> bool:
         """An --eval command is given and has not yet succeeded on this trial's results."""
@@ -342,9 +343,13 @@ class Runner:
         with open(run_dir / LOG_FILE, "a") as log:
             log.write(f"\n$ {shlex.join(command)}  # {_now()}\n")
             log.flush()
-            if self.verbose:
-                return subprocess.run(command).returncode
-            return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+            try:
+                if self.verbose:
+                    return subprocess.run(command).returncode
+                return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+            except OSError as exc:  # e.g. the program is not installed: the trial fails, the sweep goes on
+                log.write(f"egmla-sweep: cannot run {command[0]!r}: {exc.strerror or exc}\n")
+                return 127
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
@@ -415,25 +420,57 @@ def _outcome(spec: Spec, trial: Trial) -> str:
     return " ".join(p for p in parts if p)
 
 
-def run_sweep(runner: Runner, limit: int, seed: int | None = None) -> list[Trial]:
-    """Finished trials are reported, unfinished ones rerun, then new ones proposed until `limit` or exhaustion."""
+class TimeBudget:
+    """--time-budget: start a trial only while the seconds left cover the longest trial seen so far (a GPU time
+    slice, a batch job's limit); the trials not started are run by the next invocation of the same command."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.perf_counter()
+        self.longest = 0.0
+        self.stopped = False
+
+    def allows(self, runner: Runner, trial: Trial) -> bool:
+        if self.seconds is None or runner.dry_run or runner.is_complete(trial):
+            return True
+        left = self.seconds - (time.perf_counter() - self.start)
+        if left >= self.longest and left > 0:
+            return True
+        if not self.stopped:
+            print(f"egmla-sweep: {left:.0f} s left of --time-budget, a trial took up to {self.longest:.0f} s: "
+                  "stopping here; rerun the same command to continue", flush=True)  # fmt: skip
+        self.stopped = True
+        return False
+
+    def record(self, seconds: float) -> None:
+        self.longest = max(self.longest, seconds)
+
+
+def run_sweep(runner: Runner, limit: int, seed: int | None = None, budget: TimeBudget | None = None) -> list[Trial]:
+    """Finished trials are reported, unfinished ones rerun, then new ones proposed until `limit` or exhaustion
+    (or until the time budget cannot cover another trial)."""
     spec, out = runner.spec, runner.out
+    budget = budget or TimeBudget(None)
     trials = load_state(out, spec, runner.extra)
     width = max(3, len(str(limit)))
     total = max(limit, len(trials))
     for index, trial in enumerate(trials, 1):
-        _process(runner, trial, trials, f"[{index}/{total}]", resumed=True)
-    while len(trials) < limit:
+        if budget.allows(runner, trial):
+            _process(runner, trial, trials, f"[{index}/{total}]", resumed=True, budget=budget)
+    while len(trials) < limit and not budget.stopped:
         params = suggest(spec, trials, seed)
         if params is None:
             break
         trial = Trial(id=f"trial-{len(trials) + 1:0{width}d}", params=params)
+        if not budget.allows(runner, trial):
+            break
         trials.append(trial)
-        _process(runner, trial, trials, f"[{len(trials)}/{total}]", resumed=False)
+        _process(runner, trial, trials, f"[{len(trials)}/{total}]", resumed=False, budget=budget)
     return trials
 
 
-def _process(runner: Runner, trial: Trial, trials: list[Trial], counter: str, resumed: bool) -> None:
+def _process(runner: Runner, trial: Trial, trials: list[Trial], counter: str, resumed: bool,
+             budget: TimeBudget | None = None) -> None:  # fmt: skip
     spec = runner.spec
     head = f"{counter} {trial.id} {' '.join(overrides_of(spec.varying(trial.params)))}:"
     if runner.is_complete(trial):
@@ -457,8 +494,11 @@ def _process(runner: Runner, trial: Trial, trials: list[Trial], counter: str, re
     trial.status = "running"
     save_state(runner.out, spec, runner.extra, trials)  # a crash from here on reruns this trial
     print(head, end="\n" if runner.verbose else " ", flush=True)
+    start = time.perf_counter()
     try:
         runner.run(trial)
+        if budget is not None:
+            budget.record(time.perf_counter() - start)
     except KeyboardInterrupt:
         trial.status, trial.error = "running", "interrupted"
         save_state(runner.out, spec, runner.extra, trials)
@@ -502,13 +542,22 @@ def summary(spec: Spec, trials: list[Trial], out: Path) -> str:
 
 
 def train_command(text: str) -> list[str]:
-    """Split --train-cmd; a leading bare `python` means this interpreter (so a venv's trainer is used)."""
+    """Split --train-cmd, its program resolved as own_program does."""
     command = shlex.split(text)
     if not command:
         raise SweepError("--train-cmd is empty")
-    if command[0] in ("python", "python3"):
-        command[0] = sys.executable
-    return command
+    return [own_program(command[0]), *command[1:]]
+
+
+def own_program(name: str) -> str:
+    """A bare `python` is this interpreter, and a bare egmla-* command the one installed beside it, so a venv's
+    trainer and evaluator run without the venv being activated; anything else is left to the PATH."""
+    if name in ("python", "python3"):
+        return sys.executable
+    beside = Path(sys.executable).parent / name
+    if name.startswith("egmla-") and "/" not in name and beside.is_file():
+        return str(beside)
+    return name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -531,6 +580,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-cmd", default=DEFAULT_TRAIN_CMD, help=f"trainer command (default {DEFAULT_TRAIN_CMD})")
     parser.add_argument("--seed", type=int, default=None, help="seed random/bayes proposals (reproducible trials)")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and their commands, run nothing")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no trial once the seconds left are fewer than the longest trial took (GPU time slices, job "
+        "limits); exit 0 with the rest left for the next run of the same command",
+    )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="stream trial output here (else <run_dir>/sweep.log)"
     )
@@ -561,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         goal = f"; metric {spec.metric} ({spec.goal})" if spec.metric else ""
         what = "dry run, nothing is run" if args.dry_run else f"-> {out}"
         print(f"egmla-sweep: {spec.config.get('name', spec.path.stem)} ({spec.method}, {limit} trials) {what}{goal}")
-        trials = run_sweep(runner, limit, args.seed)
+        budget = TimeBudget(args.time_budget)
+        trials = run_sweep(runner, limit, args.seed, budget)
     except SweepError as exc:
         print(f"egmla-sweep: error: {exc}", file=sys.stderr)
         return 2
@@ -570,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     print("\n" + summary(spec, trials, out))
+    if budget.stopped:  # left for the next slice, not failed
+        return 0 if all(t.done or t.status in ("pending", "running") for t in trials) else 1
     return 0 if all(t.done for t in trials) else 1
 
 
