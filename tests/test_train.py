@@ -45,6 +45,7 @@ def test_tiny_every_variant_trains_and_writes_results(corpus, tmp_path, attentio
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["train"]["steps"] == 6 and saved["train"]["tokens"] == 6 * 4 * 32
     assert saved["config"]["attention"]["variant"] == attention
+    assert saved["data"] == {"name": "local", "fingerprint": None}
     assert saved["kv"]["bytes_per_token"] == results["kv"]["bytes_per_token"] > 0
     assert set(saved["params"]) == {"non_embedding", "embedding", "gate_tables", "total"}
     assert (saved["params"]["gate_tables"] > 0) == (attention == "egmla")

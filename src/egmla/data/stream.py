@@ -62,7 +62,10 @@ __all__ = ["PackedBatches", "SourceSpec", "StreamPosition", "open_documents"]
 
 # Local builders whose data_files are checked on disk before `datasets` sees them.
 LOCAL_BUILDERS = ("json", "parquet", "text", "csv", "arrow")
-MISSING_DATA_HINT = "run `make data` to build the local corpus, or point data.data_files at existing files"
+MISSING_DATA_HINT = (
+    "run `make data` (data=embedded) or `make data-code` (data=code) to build the local corpus, "
+    "or point data.data_files at existing files"
+)
 ROWS_PER_READ = 1024  # Arrow rows read at a time (all shards read every row; only their own get converted)
 DOCS_PER_ENCODE = 64  # documents tokenized per encode_batch call
 

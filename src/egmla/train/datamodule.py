@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -27,6 +29,12 @@ class StreamDataModule(L.LightningDataModule):
     def check(self, vocab_size: int) -> None:
         """Fail before anything is written: missing files, an unreachable hub dataset, a missing field, a
         tokenizer the model cannot embed. Opening each source reads its first rows, nothing more."""
+        fingerprint = self.cfg.get("fingerprint")
+        if fingerprint and not Path(fingerprint).is_file():  # written last by the build: missing = not built
+            raise ConfigError(
+                f"data={self.cfg.get('name')}: {fingerprint} not found (the corpus is not built, or its build was "
+                "interrupted): run `make data-code`, or set data.fingerprint=null"
+            )
         try:
             self._dataset("train", rank=0, world=1)
             self._dataset("val", rank=0, world=1)
@@ -37,6 +45,12 @@ class StreamDataModule(L.LightningDataModule):
                 f"model.vocab_size={vocab_size} is smaller than tokenizer {self.cfg['tokenizer']!r}'s "
                 f"{self.tokenizer.vocab_size} ids: set model.vocab_size={self.tokenizer.vocab_size}"
             )
+
+    def record(self) -> dict[str, Any]:
+        """What results.json says about the data: its name and the build's fingerprint (None without one)."""
+        path = self.cfg.get("fingerprint")
+        fingerprint = json.loads(Path(path).read_text(encoding="utf-8")) if path and Path(path).is_file() else None
+        return {"name": self.cfg.get("name"), "fingerprint": fingerprint}
 
     def _source(self, split: str) -> SourceSpec:
         c = self.cfg

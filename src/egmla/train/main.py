@@ -224,6 +224,7 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         "run_dir": str(run_dir),
         "config": resolved,
         **environment(sys.argv, short=True),
+        "data": datamodule.record(),
         "params": summary["params"],
         "kv": summary["kv"],
         "flops_per_token": summary["flops_per_token"],
