@@ -133,6 +133,12 @@ VARIANTS = {
     "egmla_latent": dict(variant="egmla", gate_on="latent"),
     "egmla_latent_absorbed": dict(variant="egmla", gate_on="latent", absorb=True, gate_rope_key=True),
     "egmla_gate_off": dict(variant="egmla", gate_enabled=False),
+    "egmla_add": dict(variant="egmla", gate_combine="add"),
+    "egmla_add_latent_absorbed": dict(
+        variant="egmla", gate_on="latent", gate_combine="add", absorb=True, gate_rope_key=True
+    ),
+    "egmla_vector": dict(variant="egmla", gate_norm_scope="vector"),
+    "egmla_identity_silu": dict(variant="egmla", gate_init="identity", gate_activation="silu"),
 }
 
 

@@ -90,7 +90,7 @@ BAD = [
     (["attention=mha", "+attention.absorb=true"], "attention.absorb=True is invalid: weight absorption exists only"),
     (["model.vocab_size=0"], "model.vocab_size=0 is invalid: expected a positive integer"),
     (["+attention.gate_width=3"], "attention.gate_width is not a known key: expected one of"),
-    (["attention=foo"], "no config 'attention/foo' for overrides ['attention=foo']: expected one of egmla, gqa, mha"),
+    (["attention=foo"], "no config 'attention/foo' for overrides ['attention=foo']: expected one of egmla, egmla_add"),
     (["model=huge"], "no config 'model/huge'"),
     (["attention.bogus=1"], "cannot compose config"),
 ]

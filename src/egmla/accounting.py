@@ -78,7 +78,8 @@ def _attention_params(cfg: ModelConfig) -> tuple[int, int]:
         if a.gate_on == "latent":
             other += _norm_params(a.gate_norm, a.kv_lora_rank)
         else:
-            other += _norm_params(a.gate_norm, a.qk_nope_head_dim) + _norm_params(a.gate_norm, a.v_head_dim)
+            heads = h if cfg.vector_norm else 1  # one norm over all heads' K (and V), or one per head's width
+            other += heads * (_norm_params(a.gate_norm, a.qk_nope_head_dim) + _norm_params(a.gate_norm, a.v_head_dim))
     return matmul, other
 
 

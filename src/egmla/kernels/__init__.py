@@ -9,7 +9,8 @@ Gate sources: "table" precomputes G = act(W_ue E) for the whole vocabulary once 
 buffer, vocab x n_h * (d_nope + d_v) per layer, reported apart from the KV cache) and gathers its rows by
 token id; "embedding" gathers E's rows and recomputes the gate inside the kernel. Backends: "triton" (GPU, or
 the CPU interpreter under TRITON_INTERPRET=1), "reference" (PyTorch, any device), "auto" (triton on CUDA when
-importable, else reference). Triton is imported only when its backend runs.
+importable, else reference). Triton is imported only when its backend runs. Both serve the multiplicative gate
+with per-head norms (gate_combine=multiply, gate_norm_scope=head); check_supported refuses the others.
 
 For training, gated_expand.py fuses EG-MLA's gate, per-head norms and K/V expansion of full forwards into one
 Triton kernel (forward and backward); LatentAttention uses it with attention.fused_expand=true.
@@ -60,6 +61,10 @@ def check_supported(attn, gate_source: str, backend: str) -> None:
     check_choice("gate_source", gate_source, GATE_SOURCES)
     if getattr(attn, "gate_on", None) != "content":
         raise ValueError(f"the fused decode serves EG-MLA gating the K/V content only; {fallback}")
+    if attn.gate_combine != "multiply":
+        raise ValueError(f"the fused decode multiplies the gate; attention.gate_combine=add: {fallback}")
+    if attn.vector_norm:
+        raise ValueError(f"the fused decode norms per head; attention.gate_norm_scope=vector: {fallback}")
     if backend == "triton":
         if not triton_available():
             raise ValueError(f"the Triton backend needs triton installed; use backend='reference' or {fallback}")

@@ -70,6 +70,16 @@ class GroupedQueryAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
+# W_ue e that makes act(W_ue e) the identity of the combine: g == 1 for multiply, g == 0 for add
+# (silu(z) = 1 at z = 1.27846...; a sigmoid reaches neither, which the config refuses).
+IDENTITY_PREACTIVATION = {
+    ("multiply", "none"): 1.0,
+    ("multiply", "silu"): 1.2784645427610737,
+    ("add", "none"): 0.0,
+    ("add", "silu"): 0.0,
+}
+
+
 class EmbeddingGate(nn.Module):
     """EG-MLA's gate g = act(W_ue e) for e = E_layer[token id]; the table itself is passed in per call.
 
@@ -85,6 +95,15 @@ class EmbeddingGate(nn.Module):
         self.up = nn.Linear(a.gate_dim, self.width + self.rope_width, bias=False)
         self.activation_kind = a.gate_activation
         self.activation = {"none": nn.Identity(), "sigmoid": nn.Sigmoid(), "silu": nn.SiLU()}[a.gate_activation]
+        self.combine_kind = a.gate_combine
+        self.combine = torch.mul if a.gate_combine == "multiply" else torch.add
+
+    @torch.no_grad()
+    def init_identity_(self) -> None:
+        """W_ue reads only the tables' first column (set to 1 by the model's init) with the weight that makes
+        g the combine's identity for every token; the other columns start at 0 and learn from the first step."""
+        self.up.weight.zero_()
+        self.up.weight[:, 0] = IDENTITY_PREACTIVATION[(self.combine_kind, self.activation_kind)]
 
     def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (gate for the content or latent, gate for the RoPE key or None)."""
@@ -102,8 +121,10 @@ class LatentAttention(nn.Module):
     """MLA (DeepSeek-V2) and, with a gate, EG-MLA.
 
     c_kv = RMSNorm(W_dkv h) and k_rope = RoPE(W_kr h) are what the cache holds; [k_nope; v] = W_ukv c_kv.
-    EG-MLA gating the content: [k_nope; v] = Norm(W_ukv c_kv * g) per head, g recomputed from token ids.
+    EG-MLA gating the content: [k_nope; v] = Norm(W_ukv c_kv * g) per head (or over all heads' K and all
+    heads' V with gate_norm_scope=vector), g recomputed from token ids.
     EG-MLA gating the latent: c_kv <- Norm(c_kv * g) before caching, so decoding stays MLA's.
+    gate_combine=add replaces every `* g` by `+ g` (the RoPE key's gate included): same weights, no gating.
     """
 
     def __init__(self, cfg: ModelConfig, rotary: Rotary):
@@ -135,12 +156,15 @@ class LatentAttention(nn.Module):
         self.gate_on = a.gate_on if cfg.has_gate else None
         self.gate_kv = a.gate_kv
         self.gate_norm = a.gate_norm
+        self.gate_combine = a.gate_combine if cfg.has_gate else None
+        self.vector_norm = cfg.vector_norm
         self.fused_expand = a.fused_expand and self.gate_on == "content"
         if self.gate_on == "latent":
             self.latent_norm = _norm(a.gate_norm, self.d_c, cfg.norm_eps)
         elif self.gate_on == "content":
-            self.k_norm = _norm(a.gate_norm, self.d_nope, cfg.norm_eps)
-            self.v_norm = _norm(a.gate_norm, self.d_v, cfg.norm_eps)
+            heads = self.n_heads if self.vector_norm else 1
+            self.k_norm = _norm(a.gate_norm, heads * self.d_nope, cfg.norm_eps)
+            self.v_norm = _norm(a.gate_norm, heads * self.d_v, cfg.norm_eps)
         # Decode only (see enable_fused_decode): (gate source, backend), the per-vocabulary gate table and the
         # weights as the kernel reads them (egmla.kernels.DecodeWeights, built once).
         self.fused_decode: tuple[str, str] | None = None
@@ -167,9 +191,9 @@ class LatentAttention(nn.Module):
             emb = gate_table(ids)
             gate, rope_gate = (None, self.gate.rope_gate(emb)) if fused else self.gate(emb)
             if rope_gate is not None:
-                k_rope = k_rope * rope_gate  # gated before rotation: the gate is position-free
+                k_rope = self.gate.combine(k_rope, rope_gate)  # before rotation: the gate is position-free
             if self.gate_on == "latent":
-                latent = self.latent_norm(latent * gate)
+                latent = self.latent_norm(self.gate.combine(latent, gate))
         k_rope = self.rotary(k_rope, start)
 
         if cache is not None:
@@ -193,7 +217,8 @@ class LatentAttention(nn.Module):
 
     def expand(self, latent, k_rope, gate):
         """K [b, s, h, d_nope + d_rope] and V [b, s, h, d_v] of every token from its latent and (rotated) RoPE
-        key; for EG-MLA gating the content, gated by `gate` and normalised per head (what gated_expand fuses)."""
+        key; for EG-MLA gating the content, gated by `gate` and normalised per head (what gated_expand fuses) or
+        over all heads (gate_norm_scope=vector)."""
         b, s, _ = latent.shape
         kv = self.wkv_b(latent).view(b, s, self.n_heads, self.d_nope + self.d_v)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
@@ -202,7 +227,11 @@ class LatentAttention(nn.Module):
                 g_k = g_v = gate.view(b, s, self.n_heads, self.d_nope)
             else:
                 g_k, g_v = gate.view(b, s, self.n_heads, self.d_nope + self.d_v).split([self.d_nope, self.d_v], dim=-1)
-            k_nope, v = self.k_norm(k_nope * g_k), self.v_norm(v * g_v)
+            k_nope, v = self.gate.combine(k_nope, g_k), self.gate.combine(v, g_v)
+            if self.vector_norm:
+                k_nope, v = self.k_norm(k_nope.flatten(-2)).view_as(k_nope), self.v_norm(v.flatten(-2)).view_as(v)
+            else:
+                k_nope, v = self.k_norm(k_nope), self.v_norm(v)
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(b, s, self.n_heads, self.d_rope)], dim=-1)
         return k, v
 
@@ -213,6 +242,8 @@ class LatentAttention(nn.Module):
             raise ConfigError(
                 "attention.fused_expand=true runs on CUDA GPUs: set attention.fused_expand=false on a CPU"
             )
+        if self.gate_combine != "multiply" or self.vector_norm:  # the config refuses these; a hand-edited one
+            raise ConfigError("attention.fused_expand=true multiplies the gate and norms per head: set it to false")
         from ..kernels.gated_expand import gated_expand  # imports triton
 
         b, s, _ = latent.shape

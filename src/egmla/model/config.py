@@ -14,6 +14,9 @@ GATE_ON = ("content", "latent")
 GATE_ACTIVATIONS = ("none", "sigmoid", "silu")
 GATE_NORMS = ("layernorm", "rmsnorm", "none")
 GATE_KV = ("separate", "shared")
+GATE_COMBINE = ("multiply", "add")
+GATE_INIT = ("normal", "identity")
+GATE_NORM_SCOPE = ("head", "vector")
 
 
 class ConfigError(ValueError):
@@ -56,7 +59,9 @@ class AttentionConfig:
     kv_lora_rank, q_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim: MLA as in DeepSeek-V2.
     absorb: decode MLA by weight absorption (W_uk folded into the query, W_uv into the output) instead of
         re-expanding K/V from the cached latent. Only MLA and EG-MLA gating the latent can absorb.
-    gate_*: EG-MLA's embedding gate; the open choices of the paper (see PAPER.md) with their defaults.
+    gate_*: EG-MLA's embedding gate; the open choices of the paper with their defaults, and two controls:
+        gate_combine=add (the gate added to, not multiplied with, what it gates: same parameters) and
+        gate_init=identity (the gate starts as the combine's identity: 1 for multiply, 0 for add).
     fused_expand: EG-MLA gating the content, full forwards (training, evaluation) on a CUDA GPU: gate, normalise
         and expand K/V in one Triton kernel (egmla.kernels.gated_expand) instead of separate matmuls and
         elementwise passes. Same function; dimensions must be powers of two >= 16. Ignored by the other
@@ -81,6 +86,9 @@ class AttentionConfig:
     gate_kv: str = "separate"  # separate gates for k_nope and v, or one shared (needs nope == v dims)
     gate_rope_key: bool = False  # also gate the (pre-RoPE) decoupled key
     gate_group_size: int = 1  # adjacent layers sharing one embedding table
+    gate_combine: str = "multiply"  # multiply: Norm(W_ukv c_kv * g) | add: Norm(W_ukv c_kv + g) (same parameters)
+    gate_init: str = "normal"  # normal: g ~ unit scale | identity: g == 1 (multiply) or 0 (add) at init
+    gate_norm_scope: str = "head"  # head: norm per head | vector: one norm over all heads' K, one over V
     fused_expand: bool = False  # EG-MLA gating the content: one Triton kernel for gate, norm and K/V expansion
 
 
@@ -144,6 +152,12 @@ class ModelConfig:
         return self.has_gate and self.attention.gate_on == "content"
 
     @property
+    def vector_norm(self) -> bool:
+        """EG-MLA normalises the gated K (and V) content as one vector over all heads (ignored on the latent)."""
+        a = self.attention
+        return self.has_gate and a.gate_on == "content" and a.gate_norm != "none" and a.gate_norm_scope == "vector"
+
+    @property
     def n_gate_tables(self) -> int:
         return -(-self.n_layers // self.attention.gate_group_size) if self.has_gate else 0
 
@@ -199,6 +213,16 @@ class ModelConfig:
         check_choice("attention.gate_activation", a.gate_activation, GATE_ACTIVATIONS)
         check_choice("attention.gate_norm", a.gate_norm, GATE_NORMS)
         check_choice("attention.gate_kv", a.gate_kv, GATE_KV)
+        check_choice("attention.gate_combine", a.gate_combine, GATE_COMBINE)
+        check_choice("attention.gate_init", a.gate_init, GATE_INIT)
+        check_choice("attention.gate_norm_scope", a.gate_norm_scope, GATE_NORM_SCOPE)
+        if a.gate_init == "identity" and a.gate_activation == "sigmoid":
+            _fail(
+                "attention.gate_init",
+                a.gate_init,
+                "a sigmoid gate never reaches the identity (1 for multiply, 0 for add); "
+                "use gate_activation=none or silu, or gate_init=normal",
+            )
         check_positive_int("attention.gate_group_size", a.gate_group_size)
         if a.gate_group_size > self.n_layers:
             _fail("attention.gate_group_size", a.gate_group_size, f"must be in [1, model.n_layers={self.n_layers}]")
@@ -210,6 +234,11 @@ class ModelConfig:
                 f"({a.v_head_dim}); use separate",
             )
         if a.fused_expand and a.gate_on == "content":
+            off = "set fused_expand=false"
+            if a.gate_combine != "multiply":
+                _fail("attention.gate_combine", a.gate_combine, f"fused_expand multiplies the gate; {off}")
+            if self.vector_norm:
+                _fail("attention.gate_norm_scope", a.gate_norm_scope, f"fused_expand norms per head; {off}")
             for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank", "gate_dim"):
                 value = getattr(a, key)
                 if not is_power_of_two(value, 16):

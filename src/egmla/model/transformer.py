@@ -49,7 +49,8 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layers).
 
-        Gate tables are N(0, 1) and their up-projection N(0, 1/gate_dim), so g = W_ue e starts at unit scale.
+        Gate tables are N(0, 1) and their up-projection N(0, 1/gate_dim), so g = W_ue e starts at unit scale;
+        with gate_init=identity the tables' first column is 1 and g starts as the combine's identity (1 or 0).
         """
         std = self.cfg.init_std
         for name, module in self.named_modules():
@@ -65,6 +66,11 @@ class Transformer(nn.Module):
                 module.reset_parameters()
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+        if self.cfg.has_gate and self.cfg.attention.gate_init == "identity":
+            for table in self.gate_tables:
+                table.weight[:, 0] = 1.0
+            for block in self.blocks:
+                block.attn.gate.init_identity_()
 
     def gate_table(self, layer: int) -> nn.Embedding | None:
         return self.gate_tables[layer // self.cfg.attention.gate_group_size] if self.cfg.has_gate else None
