@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -271,3 +272,40 @@ def test_mfu_uses_the_peak_seen_during_training():
     assert meter.steady_mfu == 1e9 * 2000.0 / 1e15
     meter.peak_flops_total = None  # CPU: no agreed peak
     assert meter.steady_mfu is None
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_validation_bpb_leaves_out_zero_byte_targets_and_loss_keeps_them(fused):
+    """val/bpb: nats of the targets that stand for bytes / ln 2 / their bytes; EOS (no bytes) counts only in
+    val/loss. Checked against per-token cross-entropy of the model's full logits, over two batches."""
+    import torch.nn.functional as F
+
+    from egmla.config import model_config
+    from egmla.train.module import LanguageModel
+
+    cfg = compose(["model=tiny", "attention=egmla", "model.vocab_size=257"])
+    token_bytes = torch.ones(257)
+    token_bytes[200:256] = 3  # some multi-byte tokens
+    token_bytes[256] = 0  # EOS
+    torch.manual_seed(0)
+    module = LanguageModel(model_config(cfg), dict(cfg.optim), 10, token_bytes, fused_loss=fused)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 257, (3, 41), generator=g) for _ in range(2)]
+    for ids in batches:
+        ids[:, ::7] = 256  # documents end every 7 tokens
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = torch.utils.data.DataLoader([{"input_ids": ids} for ids in batches], batch_size=None)
+    trainer.validate(module, loader, verbose=False)
+
+    with torch.no_grad():
+        nats = torch.cat([F.cross_entropy(module.model(ids[:, :-1]).double().flatten(0, 1), ids[:, 1:].flatten(),
+                                          reduction="none") for ids in batches])  # fmt: skip
+    nbytes = torch.cat([token_bytes[ids[:, 1:]].flatten() for ids in batches]).double()
+    has_bytes = nbytes > 0
+    assert 0 < (~has_bytes).sum() < nats.numel()
+    expected_bpb = (nats[has_bytes].sum() / math.log(2) / nbytes.sum()).item()
+    old_bpb = (nats.sum() / math.log(2) / nbytes.sum()).item()  # EOS nats against no bytes
+    assert module.last_val["tokens"] == nats.numel()
+    assert module.last_val["loss"] == pytest.approx(nats.mean().item(), rel=1e-5)
+    assert module.last_val["bpb"] == pytest.approx(expected_bpb, rel=1e-5)
+    assert abs(old_bpb - expected_bpb) > 0.05 * expected_bpb
