@@ -309,3 +309,39 @@ def test_validation_bpb_leaves_out_zero_byte_targets_and_loss_keeps_them(fused):
     assert module.last_val["loss"] == pytest.approx(nats.mean().item(), rel=1e-5)
     assert module.last_val["bpb"] == pytest.approx(expected_bpb, rel=1e-5)
     assert abs(old_bpb - expected_bpb) > 0.05 * expected_bpb
+
+
+def test_a_run_prints_neither_the_litlogger_tip_nor_the_leafspec_warning(corpus, tmp_path):
+    import subprocess
+    import sys
+
+    args = overrides(corpus, tmp_path / "run", "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2")
+    done = subprocess.run([sys.executable, "-m", "egmla.train", *args], env=offline_env(), capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "litlogger" not in done.stderr and "LeafSpec" not in done.stderr, done.stderr
+    assert "`Trainer.fit` stopped: `max_steps=2` reached." in done.stderr  # Lightning's other messages stay
+
+
+def test_quiet_lightning_filters_those_two_notices_alone(caplog):
+    import logging
+    import warnings
+
+    from egmla.train.quiet import quiet_lightning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_lightning()
+        leafspec = "`isinstance(treespec, LeafSpec)` is deprecated"
+        warnings.warn(f"{leafspec}, use `isinstance(treespec, TreeSpec)` instead.", FutureWarning, stacklevel=1)
+        warnings.warn(f"{leafspec} (another category)", UserWarning, stacklevel=1)
+        warnings.warn("some other deprecation", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == [
+        "`isinstance(treespec, LeafSpec)` is deprecated (another category)",
+        "some other deprecation",
+    ]
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO):
+        log.info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/litlogger/)")
+        log.info("💡 Tip: For seamless cloud uploads, try installing [litmodels](https://pypi.org/project/litmodels/)")
+    assert [r.getMessage()[:30] for r in caplog.records] == ["💡 Tip: For seamless cloud uplo"]
