@@ -41,7 +41,7 @@ def test_bench_train_entries_with_their_own_overrides(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == [
         "egmla-kv16-g32",
-        "egmla-kv16-g32:attention.gate_norm=rmsnorm:attention.gate_kv=shared",
+        "egmla-kv16-g32-rms-shkv:attention.gate_norm=rmsnorm:attention.gate_kv=shared",
     ]
     capsys.readouterr()
     assert main([*argv[:-2], "--variants", "egmla:attention.bogus=1"]) == 2

@@ -118,8 +118,28 @@ def test_compiled_chunk_work_gives_the_same_result():
 
 def test_unsupported_reduction_is_a_clear_error():
     h, weight, targets = inputs(97)
-    with pytest.raises(ValueError, match="reduction='none' is not supported"):
+    with pytest.raises(ValueError, match="reduction='max' is not supported"):
+        linear_cross_entropy(h, weight, targets, "max")
+    with pytest.raises(ValueError, match="reduction='none' computes no gradients"):
         linear_cross_entropy(h, weight, targets, "none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("vocab", [97, PADDED])
+def test_per_token_losses_match_cross_entropy(dtype, vocab):
+    """reduction="none": each target's loss, shaped like targets, 0 where ignored; padded head and a chunk
+    size that does not divide the tokens; under bf16 autocast within bf16 tolerance."""
+    h, weight, targets = inputs(vocab, dtype=dtype)
+    expected = reference(h, weight, targets, "none").detach().view(targets.shape)
+    with torch.no_grad():
+        losses = linear_cross_entropy(h, weight, targets, "none", chunk_tokens=256)
+    assert losses.shape == targets.shape and losses.dtype == expected.dtype and (losses[targets == -100] == 0).all()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(losses, expected, **tol)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = linear_cross_entropy(h, weight, targets, "none", chunk_tokens=256)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16.double(), expected.double(), rtol=2e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("attention", ["mha", "egmla"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -287,3 +288,76 @@ def test_a_diverged_model_is_never_checkpointed(corpus, tmp_path, capsys):
     message = _error(capsys, [*base, "optim.lr=1e6", "optim.grad_clip=0", "optim.warmup_steps=1"])
     assert ("non-finite" in message or "training loss is" in message) and "resume=last" in message
     assert all(_all_finite(path) for path in sorted((run / "checkpoints").glob("step*.ckpt")))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_validation_bpb_leaves_out_zero_byte_targets_and_loss_keeps_them(fused):
+    """val/bpb: nats of the targets that stand for bytes / ln 2 / their bytes; EOS (no bytes) counts only in
+    val/loss. Checked against per-token cross-entropy of the model's full logits, over two batches."""
+    import torch.nn.functional as F
+
+    from egmla.config import model_config
+    from egmla.train.module import LanguageModel
+
+    cfg = compose(["model=tiny", "attention=egmla", "model.vocab_size=257"])
+    token_bytes = torch.ones(257)
+    token_bytes[200:256] = 3  # some multi-byte tokens
+    token_bytes[256] = 0  # EOS
+    torch.manual_seed(0)
+    module = LanguageModel(model_config(cfg), dict(cfg.optim), 10, token_bytes, fused_loss=fused)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 257, (3, 41), generator=g) for _ in range(2)]
+    for ids in batches:
+        ids[:, ::7] = 256  # documents end every 7 tokens
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = torch.utils.data.DataLoader([{"input_ids": ids} for ids in batches], batch_size=None)
+    trainer.validate(module, loader, verbose=False)
+
+    with torch.no_grad():
+        nats = torch.cat([F.cross_entropy(module.model(ids[:, :-1]).double().flatten(0, 1), ids[:, 1:].flatten(),
+                                          reduction="none") for ids in batches])  # fmt: skip
+    nbytes = torch.cat([token_bytes[ids[:, 1:]].flatten() for ids in batches]).double()
+    has_bytes = nbytes > 0
+    assert 0 < (~has_bytes).sum() < nats.numel()
+    expected_bpb = (nats[has_bytes].sum() / math.log(2) / nbytes.sum()).item()
+    old_bpb = (nats.sum() / math.log(2) / nbytes.sum()).item()  # EOS nats against no bytes
+    assert module.last_val["tokens"] == nats.numel()
+    assert module.last_val["loss"] == pytest.approx(nats.mean().item(), rel=1e-5)
+    assert module.last_val["bpb"] == pytest.approx(expected_bpb, rel=1e-5)
+    assert abs(old_bpb - expected_bpb) > 0.05 * expected_bpb
+
+
+def test_a_run_prints_neither_the_litlogger_tip_nor_the_leafspec_warning(corpus, tmp_path):
+    import subprocess
+    import sys
+
+    args = overrides(corpus, tmp_path / "run", "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2")
+    done = subprocess.run([sys.executable, "-m", "egmla.train", *args], env=offline_env(), capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "litlogger" not in done.stderr and "LeafSpec" not in done.stderr, done.stderr
+    assert "`Trainer.fit` stopped: `max_steps=2` reached." in done.stderr  # Lightning's other messages stay
+
+
+def test_quiet_lightning_filters_those_two_notices_alone(caplog):
+    import logging
+    import warnings
+
+    from egmla.train.quiet import quiet_lightning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_lightning()
+        leafspec = "`isinstance(treespec, LeafSpec)` is deprecated"
+        warnings.warn(f"{leafspec}, use `isinstance(treespec, TreeSpec)` instead.", FutureWarning, stacklevel=1)
+        warnings.warn(f"{leafspec} (another category)", UserWarning, stacklevel=1)
+        warnings.warn("some other deprecation", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == [
+        "`isinstance(treespec, LeafSpec)` is deprecated (another category)",
+        "some other deprecation",
+    ]
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO):
+        log.info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/litlogger/)")
+        log.info("💡 Tip: For seamless cloud uploads, try installing [litmodels](https://pypi.org/project/litmodels/)")
+    assert [r.getMessage()[:30] for r in caplog.records] == ["💡 Tip: For seamless cloud uplo"]

@@ -32,13 +32,19 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     4 bytes in bf16 when the elementwise work is compiled (8192 x 50,304: 1.6 GB), 3-4x that eager (fp32
     temporaries); kept for the backward pass: the gradients, of h's size and vocab x d in fp32.
     compile: torch.compile the per-chunk elementwise work, for when this function itself runs eagerly.
+    reduction "none": each target's loss, shaped like targets (0 where ignored), without gradients (evaluation).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r} is not supported: use 'mean' or 'sum'")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r} is not supported: use 'mean', 'sum' or 'none'")
     device_type = h.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
     need_h = torch.is_grad_enabled() and h.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
+    if reduction == "none":
+        if need_h or need_w:
+            raise ValueError("reduction='none' computes no gradients: call it under torch.no_grad()")
+        with torch.autocast(device_type, enabled=False):
+            return _token_losses(h, weight, targets, chunk_tokens, ignore_index, dtype)
     if not (need_h or need_w):
         with torch.autocast(device_type, enabled=False):
             loss, *_ = _forward(h, weight, targets, chunk_tokens, ignore_index, dtype, compile, False, False)
@@ -76,20 +82,42 @@ def _scale(targets, ignore_index: int, reduction: str, dtype) -> torch.Tensor:
     return 1 / (targets != ignore_index).sum().to(dtype)
 
 
-def _forward(h, weight, targets, chunk_tokens, ignore_index, dtype, compile, need_h, need_w):
-    """Summed loss over the valid targets and, where asked, its gradients w.r.t. h (h's dtype) and the padded
-    weight (fp32)."""
+def _head(h, weight, dtype):
+    """h as [tokens, d] in `dtype`, and the output head's (weight, bias) for a matmul over them: the weight padded
+    with zero rows where padded_vocab says so, with a bias of -inf that leaves them out of the softmax."""
     vocab, d = weight.shape
-    loss_dtype = torch.promote_types(dtype, torch.float32)
     hc = h.reshape(-1, d).to(dtype)
-    targets = targets.reshape(-1)
     rows = padded_vocab(vocab, hc.shape[0])
     w, bias = weight.to(dtype), None
-    if rows > vocab:  # zero rows, and a bias of -inf that leaves them out of the softmax
+    if rows > vocab:
         w = weight.new_zeros((rows, d), dtype=dtype)
         w[:vocab] = weight
         bias = torch.zeros(rows, dtype=dtype, device=w.device)
         bias[vocab:] = float("-inf")
+    return hc, w, bias
+
+
+def _token_losses(h, weight, targets, chunk_tokens, ignore_index, dtype):
+    """Each target's loss (0 where ignored), shaped like targets; fp32 (fp64 for fp64 inputs)."""
+    hc, w, bias = _head(h, weight, dtype)
+    flat = targets.reshape(-1)
+    out = torch.zeros(flat.shape, dtype=torch.promote_types(dtype, torch.float32), device=h.device)
+    for start in range(0, hc.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        x = hc[start:end]
+        logits = (x @ w.T if bias is None else torch.addmm(bias, x, w.T)).to(out.dtype)
+        valid = flat[start:end] != ignore_index
+        target = flat[start:end].masked_fill(~valid, 0)[:, None]
+        out[start:end] = (logits.logsumexp(-1, keepdim=True) - logits.gather(-1, target)).squeeze(-1) * valid
+    return out.view(targets.shape)
+
+
+def _forward(h, weight, targets, chunk_tokens, ignore_index, dtype, compile, need_h, need_w):
+    """Summed loss over the valid targets and, where asked, its gradients w.r.t. h (h's dtype) and the padded
+    weight (fp32)."""
+    loss_dtype = torch.promote_types(dtype, torch.float32)
+    hc, w, bias = _head(h, weight, dtype)
+    targets = targets.reshape(-1)
     grad_h = torch.empty(hc.shape, dtype=h.dtype, device=h.device) if need_h else None
     grad_w = torch.zeros(w.shape, dtype=loss_dtype, device=w.device) if need_w else None
     # Inside a compiled graph the chunk's work is fused anyway; reading the lazily built global there would

@@ -79,8 +79,9 @@ class Transformer(nn.Module):
                 reduction: str = "mean", last_only: bool = False) -> torch.Tensor:  # fmt: skip
         """ids [B, T] -> logits [B, T, vocab]. With a cache, ids continue the cached context.
 
-        With targets [B, T] (-100: ignored), the fp32 cross-entropy loss instead, `reduction` "mean" or "sum",
-        fused with the output head (egmla.model.loss): the full logits never exist. With last_only, the logits
+        With targets [B, T] (-100: ignored), the fp32 cross-entropy loss instead, `reduction` "mean", "sum" or
+        "none" (each target's, [B, T], without gradients), fused with the output head (egmla.model.loss): the full
+        logits never exist. With last_only, the logits
         of the last position alone [B, 1, vocab]: what prefilling a prompt needs (a 16K-token prompt's full
         logits would be 1.6 GB per sequence in bf16)."""
         if targets is not None and cache is not None:

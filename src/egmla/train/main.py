@@ -153,7 +153,9 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
     from .module import LanguageModel
     from .perf import Throughput
     from .progress import StepProgressBar
+    from .quiet import quiet_lightning
 
+    quiet_lightning()
     mcfg, run_dir, datamodule = prepared["model_cfg"], prepared["run_dir"], prepared["datamodule"]
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if is_rank_zero():
