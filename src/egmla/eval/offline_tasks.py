@@ -1,30 +1,40 @@
-"""The offline lm-eval tasks: templates in src/egmla/eval/tasks/ rendered with this machine's paths.
+"""The offline lm-eval tasks: portable task YAMLs, made concrete with this machine's paths when they are loaded.
 
-Each template `include:`s lm-eval's own task YAML (same prompt, choices, metrics) and only points it at the
-local arrow files (`dataset_path: arrow`, `dataset_kwargs.data_files`). lm-eval resolves a relative `include:`
-against the YAML's own folder, and `datasets` resolves relative `data_files` against the current directory, so
-neither can be made portable in a committed file; the templates hold two placeholders instead:
+Each template in src/egmla/eval/tasks/ `include:`s lm-eval's own task YAML (same prompt, choices, metrics) and
+only points it at the local arrow files (`dataset_path: arrow`, `dataset_kwargs.data_files`). Neither path can be
+written portably for lm-eval itself: it resolves a relative `include:` against the YAML's own folder (the
+installed lm-eval lives elsewhere on every machine and in every environment) and `datasets` resolves relative
+`data_files` against the current directory. So the task YAMLs keep two placeholders:
 
     @LM_EVAL_TASKS@   the installed lm_eval/tasks folder (found by import)
-    @DATA@            the offline data root (data/eval by default)
+    @HERE@            the YAML's own folder: data paths are written relative to it ("@HERE@/../piqa/...")
 
-`render_tasks(data_root, out_dir)` writes the filled-in YAMLs (absolute paths) to `out_dir`, the folder to give
-lm-eval as `include_path` (TaskManager(include_path=..., include_defaults=False)). `make eval-data` renders them
-to data/eval/tasks/; rendering again (cheap) follows a moved checkout or a new lm-eval install.
+`write_tasks(data_root, out_dir)` (`make eval-data`) writes them into `out_dir` (data/eval/tasks), with the
+data paths relative, so the data folder can be moved or copied to another machine as it is.
+`loadable_tasks(include_path)` (egmla-eval, at load time) renders a folder holding such YAMLs into a temporary
+folder (removed at exit) with this process's lm-eval and the folder's current location; that copy is what
+lm-eval's TaskManager indexes. A folder without placeholders (your own tasks) is used as it is.
 
-MMLU is a group like lm-eval's `mmlu`: mmlu_offline -> 4 category groups -> 57 subject tasks, rendered from
+MMLU is a group like lm-eval's `mmlu`: mmlu_offline -> 4 category groups -> 57 subject tasks, written from
 one category and one subject template; subjects and categories come from lm-eval's own mmlu/default YAMLs.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parent / "tasks"
 MMLU_CATEGORIES = ("stem", "other", "social_sciences", "humanities")
+LM_EVAL_TASKS = "@LM_EVAL_TASKS@"
+HERE = "@HERE@"
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
+_HERE_PATH = re.compile(r'"@HERE@((?:/[^"\n]*)?)"')
 _INCLUDE = re.compile(r'^include:\s*"([^"]+)"', re.MULTILINE)
 
 
@@ -40,23 +50,22 @@ def lm_eval_tasks_dir() -> Path:
     return Path(lm_eval.tasks.__file__).resolve().parent
 
 
-def _quoted(path: Path) -> str:
+def _quoted(path: Path | str) -> str:
     """A path as the inside of a YAML double-quoted string (JSON escapes are valid YAML escapes)."""
     return json.dumps(str(path))[1:-1]
 
 
-def render(template: Path, values: dict[str, str]) -> str:
+# ---------------------------------------------------------------------------------------------------------------
+# Writing the portable task YAMLs (make eval-data)
+
+
+def fill(template: Path, values: dict[str, str]) -> str:
+    """The template's text with `values` filled in; the portable placeholders stay."""
     text = template.read_text()
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
-    if leftover := _PLACEHOLDER.search(text):
-        raise TaskTemplateError(f"template {template} has an unknown placeholder {leftover.group()}")
-    included = _INCLUDE.search(text)
-    if included and not Path(included.group(1)).is_file():
-        raise TaskTemplateError(
-            f"{template.name} includes {included.group(1)}, which this lm-eval install lacks: "
-            "install the lm-eval version pyproject.toml names"
-        )
+    if leftover := {p for p in _PLACEHOLDER.findall(text)} - {LM_EVAL_TASKS, HERE}:
+        raise TaskTemplateError(f"template {template} has an unknown placeholder {sorted(leftover)[0]}")
     return text
 
 
@@ -76,28 +85,95 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def render_tasks(data_root: Path, out_dir: Path) -> list[Path]:
-    """Render every offline task YAML for the data under `data_root` into `out_dir`; returns the files written.
+def write_tasks(data_root: Path, out_dir: Path) -> list[Path]:
+    """Write every offline task YAML for the data under `data_root` into `out_dir`; returns the files written.
 
-    The data is not read here: a missing split fails later, when lm-eval loads that task."""
+    Data paths are written relative to each YAML's folder (@HERE@/..), lm-eval's folder as @LM_EVAL_TASKS@:
+    nothing in them names this machine. The data is not read here: a missing split fails when lm-eval loads
+    that task, naming the file."""
     lm_eval_tasks = lm_eval_tasks_dir()
-    base = {"LM_EVAL_TASKS": _quoted(lm_eval_tasks), "DATA": _quoted(Path(data_root).resolve())}
     out_dir = Path(out_dir)
     stale = [*out_dir.glob("*.yaml"), *out_dir.glob("mmlu/*.yaml")]
     for path in stale:
         path.unlink()  # a task removed from the templates must not linger in lm-eval's index
-    written = []
+
+    def write(target: Path, template: Path, values: dict[str, str] | None = None) -> None:
+        data = Path(os.path.relpath(Path(data_root).resolve(), out_dir.resolve() / target.parent))
+        base = {"DATA": f"{HERE}/{_quoted(data.as_posix())}", "LM_EVAL_TASKS": LM_EVAL_TASKS}
+        _write(out_dir / target, fill(template, base | (values or {})))
+        written.append(out_dir / target)
+
+    written: list[Path] = []
     for template in sorted(TEMPLATES.glob("*.yaml")):
-        written.append(out_dir / template.name)
-        _write(written[-1], render(template, base))
+        write(Path(template.name), template)
     mmlu = TEMPLATES / "mmlu"
-    written.append(out_dir / "mmlu" / "mmlu_offline.yaml")
-    _write(written[-1], render(mmlu / "mmlu_offline.yaml", base))
+    write(Path("mmlu/mmlu_offline.yaml"), mmlu / "mmlu_offline.yaml")
     for category in MMLU_CATEGORIES:
-        written.append(out_dir / "mmlu" / f"mmlu_{category}_offline.yaml")
-        _write(written[-1], render(mmlu / "_category_offline.yaml", base | {"CATEGORY": category}))
+        write(Path(f"mmlu/mmlu_{category}_offline.yaml"), mmlu / "_category_offline.yaml", {"CATEGORY": category})
     for subject, category in mmlu_subjects(lm_eval_tasks).items():
-        written.append(out_dir / "mmlu" / f"mmlu_{subject}_offline.yaml")
-        values = base | {"SUBJECT": subject, "CATEGORY": category}
-        _write(written[-1], render(mmlu / "_subject_offline.yaml", values))
+        values = {"SUBJECT": subject, "CATEGORY": category}
+        write(Path(f"mmlu/mmlu_{subject}_offline.yaml"), mmlu / "_subject_offline.yaml", values)
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: the placeholders filled in for this process
+
+
+def render(text: str, here: Path, lm_eval_tasks: Path) -> str:
+    """A portable YAML's text with this machine's paths: @HERE@/rel -> the normalised absolute path."""
+    text = _HERE_PATH.sub(lambda m: '"' + _quoted(os.path.normpath(str(here) + m.group(1))) + '"', text)
+    return text.replace(HERE, _quoted(here)).replace(LM_EVAL_TASKS, _quoted(lm_eval_tasks))
+
+
+def is_portable(folder: Path) -> bool:
+    """Whether any task YAML below `folder` holds our placeholders (then it must be rendered to be loaded)."""
+    return any(LM_EVAL_TASKS in text or HERE in text for text in map(Path.read_text, Path(folder).rglob("*.yaml")))
+
+
+def loadable_tasks(include_path: str | Path) -> Path:
+    """The folder to give lm-eval for `include_path`: itself, or, if it holds portable YAMLs, a rendered copy.
+
+    The copy lives in a temporary folder removed when the process exits (lm-eval reads the YAMLs again when it
+    builds a task, so it must outlive the TaskManager); other files (e.g. a task's utils.py) are copied as
+    they are, so relative `include:`s and `!function`s between them keep working."""
+    source = Path(include_path).resolve()
+    if not is_portable(source):
+        return source
+    lm_eval_tasks = lm_eval_tasks_dir()
+    target = Path(tempfile.mkdtemp(prefix="egmla-tasks-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
+    for path in sorted(source.rglob("*")):
+        if not path.is_file():
+            continue
+        copy = target / path.relative_to(source)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".yaml":
+            copy.write_text(render(path.read_text(), path.parent, lm_eval_tasks))
+        else:
+            shutil.copyfile(path, copy)
+    return target
+
+
+def declaring_yamls(folder: Path, name: str) -> list[Path]:
+    """The YAMLs below `folder` whose top-level `task:` or `group:` is `name` (read as text: they may not load)."""
+    pattern = re.compile(rf"^(task|group):\s*[\"']?{re.escape(name)}[\"']?\s*$", re.MULTILINE)
+    return [p for p in sorted(Path(folder).rglob("*.yaml")) if pattern.search(p.read_text(errors="replace"))]
+
+
+def load_error(path: Path) -> str | None:
+    """Why lm-eval cannot read the task YAML at `path` (its includes resolved): 'Type: first line', or None."""
+    from ..model.config import error_summary
+
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own reader (its index skips what fails)
+
+        load_yaml(path, resolve_func=False, recursive=True)
+    except ImportError:
+        included = _INCLUDE.search(path.read_text())
+        if included and not (path.parent / included.group(1)).is_file():
+            return f"FileNotFoundError: {path.parent / included.group(1)}"
+        return None
+    except Exception as exc:
+        return error_summary(exc, limit=400)
+    return None

@@ -1,12 +1,15 @@
 """`egmla-eval checkpoint=RUN_DIR [eval=offline|paper] [eval.limit=20] ...`: score a trained run with lm-eval.
 
-    evaluate_model(model, tokenizer, eval_cfg)  -> {"eval": {task: {metric: value}}, "avg_acc": float | None}
+    evaluate_model(model, tokenizer, eval_cfg)  -> {"eval": {task: {metric: value}}, "avg_acc": float | None,
+                                                    "avg_acc_norm": float | None, "eval_splits": {task: split}}
     evaluate_run(run_dir, eval_cfg)             the same, merged into RUN_DIR/results.json
 
 `eval_cfg` is a conf/eval/ group as a dict (offline.yaml documents every key). Every metric lm-eval reports for a
-requested task is kept (acc and acc_norm, their stderr, perplexity...); `metrics` picks each task's headline
-metric, and `avg_acc` is the mean of the headline metrics of the `average` tasks: None (never 0) when any of
-them is missing. Values are lm-eval's fractions (0.4384); the printed table shows accuracies in percent.
+requested task is kept (acc and acc_norm, their stderr, perplexity...). Two averages over the `average` tasks:
+`avg_acc` of acc, `avg_acc_norm` of acc_norm where the task reports it (lm-eval's piqa, arc_*, hellaswag) and acc
+elsewhere; None (never 0) when any task is missing. `metric` (acc | acc_norm) names the headline one, shown
+first. `eval_splits` is the split each task was scored on (a group: its tasks' split). Values are lm-eval's
+fractions (0.4384); the printed table shows accuracies in percent.
 
 The command line takes Hydra overrides of conf/train.yaml (only its `eval` group and `data_dir` matter here)
 plus `checkpoint=RUN_DIR`; errors are one line on stderr, exit status 2.
@@ -32,6 +35,7 @@ from ..model.config import error_summary
 PROG = "egmla-eval"
 USAGE = f"usage: {PROG} checkpoint=RUN_DIR [eval=offline|paper] [eval.limit=N] [eval.KEY=VALUE ...]"
 DEVICES = ("auto", "cpu", "cuda", "mps")
+AVERAGES = {"acc": "avg_acc", "acc_norm": "avg_acc_norm"}  # eval.metric -> its average's key in results.json
 
 
 class EvalError(ConfigError):
@@ -52,6 +56,7 @@ class EvalSettings:
     name: str = "none"
     tasks: tuple[str, ...] = ()
     average: tuple[str, ...] = ()
+    metric: str = "acc"
     metrics: dict[str, str] | None = None
     limit: int | float | None = None
     num_fewshot: int = 0
@@ -82,6 +87,15 @@ class EvalSettings:
                 f"eval.average names {missing[0]!r}, which is not in eval.tasks: add it to eval.tasks or set "
                 "eval.average=[...] to the tasks averaged into avg_acc"
             )
+        if self.metric not in AVERAGES:
+            raise ConfigError(f"eval.metric={self.metric!r} is invalid: expected acc or acc_norm (the headline)")
+        for task, metric in self.metrics.items():
+            if metric in AVERAGES:  # the former per-task choice of the averaged accuracy
+                raise ConfigError(
+                    f"eval.metrics.{task}={metric} is no longer a setting: results.json now holds avg_acc (acc) and "
+                    "avg_acc_norm (acc_norm where the task defines it); choose the headline with eval.metric=acc|"
+                    f"acc_norm and drop eval.metrics.{task} (it names only non-accuracy columns, e.g. word_perplexity)"
+                )
         _check_limit(self.limit)
         check_int("num_fewshot", self.num_fewshot, minimum=0)
         check_int("batch_size", self.batch_size, minimum=1)
@@ -93,8 +107,9 @@ class EvalSettings:
         if self.tasks and not self.include_defaults and not self.include_path:
             raise ConfigError("eval.include_defaults=false needs eval.include_path (a folder of task YAMLs)")
 
-    def metric(self, task: str) -> str:
-        return self.metrics.get(task, "acc")
+    def column(self, task: str, scores: dict[str, float | None] | None = None) -> str:
+        """The metric shown for `task`: its eval.metrics entry, else the headline accuracy as averaged."""
+        return self.metrics.get(task) or task_accuracy_metric(scores or {}, self.metric)
 
     def require_tasks(self) -> None:
         if not self.tasks:
@@ -156,14 +171,42 @@ def check_include_path(settings: EvalSettings) -> None:
 
 
 def task_manager(settings: EvalSettings):
-    """lm-eval's TaskManager over `include_path` (+ its built-in tasks when include_defaults)."""
+    """lm-eval's TaskManager over `include_path` (+ its built-in tasks when include_defaults). Portable task YAMLs
+    (`make eval-data`'s) are given to lm-eval rendered with this machine's paths (offline_tasks.loadable_tasks)."""
     from lm_eval.tasks import TaskManager
 
+    from .offline_tasks import TaskTemplateError, loadable_tasks
+
     check_include_path(settings)
-    return TaskManager(include_path=settings.include_path or None, include_defaults=settings.include_defaults)
+    try:
+        include = loadable_tasks(settings.include_path) if settings.include_path else None
+    except (TaskTemplateError, OSError) as exc:
+        raise EvalError(f"cannot read the task YAMLs in {settings.include_path} ({exc})") from None
+    manager = TaskManager(include_path=str(include) if include else None, include_defaults=settings.include_defaults)
+    manager.egmla_include = include  # the folder lm-eval indexed (a rendered copy), for error messages
+    return manager
+
+
+def _unreadable_task(task: str, manager, settings: EvalSettings) -> EvalError | None:
+    """A YAML of include_path declares `task` but lm-eval's index skipped it: the error names lm-eval's reason."""
+    from .offline_tasks import declaring_yamls, load_error
+
+    indexed = getattr(manager, "egmla_include", None)
+    if not settings.include_path or indexed is None:
+        return None
+    for path in declaring_yamls(indexed, task):
+        if reason := load_error(path):
+            source = Path(settings.include_path) / path.relative_to(indexed)
+            return EvalError(
+                f"task {task!r} is in {source}, but lm-eval cannot read it ({reason}): install the lm-eval version "
+                f"pyproject.toml names, or write the task YAMLs again: {_build_hint(settings)}"
+            )
+    return None
 
 
 def _unknown_task(task: str, manager, settings: EvalSettings) -> EvalError:
+    if unreadable := _unreadable_task(task, manager, settings):
+        return unreadable
     if not settings.include_defaults:
         where = f"the task YAMLs in {settings.include_path}"
         return EvalError(f"task {task!r} is not among {where}: fix eval.tasks, or {_build_hint(settings)}")
@@ -187,19 +230,27 @@ def check_tasks(manager, settings: EvalSettings) -> None:
             raise _unknown_task(task, manager, settings)
 
 
-def load_tasks(manager, settings: EvalSettings) -> list:
-    """Each requested task or group, built (its data loaded) now, so a missing dataset fails in one line."""
+def scored_split(tasks) -> str | None:
+    """The split lm-eval scores these (leaf) tasks on: test if a task has one, else validation ("a, b" if mixed)."""
+    splits = {t.config.test_split or t.config.validation_split for t in tasks}
+    return ", ".join(sorted(s for s in splits if s)) or None
+
+
+def load_tasks(manager, settings: EvalSettings) -> tuple[list, dict[str, str | None]]:
+    """Each requested task or group, built (its data loaded) now, so a missing dataset fails in one line; and the
+    split each is scored on."""
     check_tasks(manager, settings)
-    loaded = []
+    loaded, splits = [], {}
     for task in settings.tasks:
         try:
             built = manager.load([task])
         except Exception as exc:  # datasets, hub and YAML errors alike mean the task's data is not there
             raise EvalError(
-                f"cannot load task {task!r} ({error_summary(exc, limit=200)}): {_load_hint(settings)}"
+                f"cannot load task {task!r} ({error_summary(exc, limit=400)}): {_load_hint(settings)}"
             ) from None
         loaded.append(built["groups"].get(task) or built["tasks"][task])
-    return loaded
+        splits[task] = scored_split(built["tasks"].values())
+    return loaded, splits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,17 +272,28 @@ def task_metrics(raw: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
-def average_accuracy(scores: dict[str, dict[str, float | None]], settings: EvalSettings) -> float | None:
-    """Mean headline metric over `average`; None when any of those tasks (or its metric) is missing."""
-    values = [scores.get(task, {}).get(settings.metric(task)) for task in settings.average]
-    if not values or any(v is None for v in values):
+def task_accuracy_metric(scores: dict[str, Any], metric: str) -> str:
+    """The accuracy a task contributes to the `metric` average: acc_norm where the task reports it, else acc."""
+    return "acc_norm" if metric == "acc_norm" and "acc_norm" in scores else "acc"
+
+
+def average_accuracy(scores: dict[str, dict[str, Any]], average, metric: str = "acc") -> float | None:
+    """The `metric` average (acc, or acc_norm where reported) over the `average` tasks; None when any of those
+    tasks (or its accuracy) is missing, never 0."""
+    values = []
+    for task in average:
+        task_scores = scores.get(task) or {}
+        values.append(task_scores.get(task_accuracy_metric(task_scores, metric)))
+    if not values or any(not isinstance(v, int | float) or isinstance(v, bool) for v in values):
         return None
     return sum(values) / len(values)
 
 
-def summarize(results: dict[str, Any], settings: EvalSettings) -> dict[str, Any]:
+def summarize(results: dict[str, Any], settings: EvalSettings, splits: dict[str, str | None] | None = None):
+    """lm-eval's results -> our results.json keys: eval, avg_acc, avg_acc_norm, eval_splits."""
     scores = {task: task_metrics(results[task]) for task in settings.tasks if task in results}
-    return {"eval": scores, "avg_acc": average_accuracy(scores, settings)}
+    averages = {key: average_accuracy(scores, settings.average, metric) for metric, key in AVERAGES.items()}
+    return {"eval": scores, **averages, "eval_splits": {t: s for t, s in (splits or {}).items() if t in scores}}
 
 
 @contextlib.contextmanager
@@ -259,7 +321,7 @@ def evaluate_model(model, tokenizer, eval_cfg: dict[str, Any], manager=None) -> 
     settings.require_tasks()
     with _quiet_lm_eval():
         manager = manager or task_manager(settings)
-        tasks = load_tasks(manager, settings)
+        tasks, splits = load_tasks(manager, settings)
         device = None if settings.device == "auto" else settings.device
         lm = EgmlaLM(model, tokenizer, batch_size=settings.batch_size, device=device)
         with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints progress notes: stdout stays ours
@@ -272,7 +334,7 @@ def evaluate_model(model, tokenizer, eval_cfg: dict[str, Any], manager=None) -> 
                 log_samples=False,
                 bootstrap_iters=settings.bootstrap_iters,
             )
-    return summarize(out["results"], settings)
+    return summarize(out["results"], settings, splits)
 
 
 def merge_results(path: Path, update: dict[str, Any]) -> dict[str, Any]:
@@ -293,7 +355,7 @@ def merge_results(path: Path, update: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_run(run_dir: str | Path, eval_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Load RUN_DIR's last checkpoint, evaluate it, merge eval/avg_acc/eval_config into RUN_DIR/results.json."""
+    """Load RUN_DIR's last checkpoint, evaluate it, merge its keys and eval_config into RUN_DIR/results.json."""
     from .load import load_run
 
     run_dir = Path(run_dir)
@@ -319,20 +381,23 @@ def _format_value(metric: str, value: float | None) -> str:
 
 
 def format_table(results: dict[str, Any], settings: EvalSettings) -> str:
-    """One row per task: headline metric and value, then the task's other metrics (accuracies in percent)."""
-    width = max([len("task"), *(len(t) for t in settings.tasks)])
-    lines = [f"{'task':<{width}}  {'metric':<16} {'value':>8}  other"]
+    """One row per task: headline metric and value, the split, then the task's other metrics (accuracies in
+    percent); then both averages, the headline (eval.metric) first."""
+    width = max([len("task"), len(f"avg_acc_norm ({len(settings.average)} tasks)"), *(len(t) for t in settings.tasks)])
+    splits = results.get("eval_splits") or {}
+    lines = [f"{'task':<{width}}  {'metric':<16} {'value':>8}  {'split':<10}  other"]
     for task in settings.tasks:
         scores = results["eval"].get(task)
         if scores is None:
             lines.append(f"{task:<{width}}  {'(missing)':<16} {'-':>8}")
             continue
-        metric = settings.metric(task)
+        metric = settings.column(task, scores)
         others = [f"{m} {_format_value(m, v)}" for m, v in scores.items() if m != metric and "stderr" not in m]
-        value = _format_value(metric, scores.get(metric))
-        lines.append(f"{task:<{width}}  {metric:<16} {value:>8}  {', '.join(others)}".rstrip())
-    label = f"avg_acc ({len(settings.average)} tasks)"
-    lines.append(f"{label:<{width}}  {'':<16} {_format_value('acc', results['avg_acc']):>8}")
+        value, split = _format_value(metric, scores.get(metric)), splits.get(task) or "-"
+        lines.append(f"{task:<{width}}  {metric:<16} {value:>8}  {split:<10}  {', '.join(others)}".rstrip())
+    for metric in sorted(AVERAGES, key=lambda m: m != settings.metric):
+        label = f"{AVERAGES[metric]} ({len(settings.average)} tasks)"
+        lines.append(f"{label:<{width}}  {'':<16} {_format_value('acc', results[AVERAGES[metric]]):>8}")
     return "\n".join(lines)
 
 
