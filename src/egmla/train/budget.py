@@ -162,11 +162,15 @@ def apply_budget(cfg, launch: bool = True) -> Budget:
     t, d = cfg.train, cfg.data
     max_tokens = _tokens("max_tokens", t.get("max_tokens"))
     global_batch = _tokens("global_batch_tokens", t.get("global_batch_tokens"))
-    world = world_size(cfg.trainer)
     accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
-    if max_tokens is None and global_batch is None:
+    if max_tokens is None and global_batch is None:  # nothing to derive: Lightning judges trainer.devices itself
+        try:
+            world = world_size(cfg.trainer)
+        except ConfigError:
+            world = 0
         per_step = d.batch_size * d.seq_len * world * accumulate
         return Budget(d.batch_size, d.seq_len, world, accumulate, t.max_steps, per_step)
+    world = world_size(cfg.trainer)
     if world < 1:
         if launch or global_batch is None:
             raise ConfigError(
