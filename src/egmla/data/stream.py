@@ -2,7 +2,7 @@
 
 Pipeline (one DataLoader worker of one data-parallel rank; nothing is shared between processes):
 
-    source rows (fixed order) -> holdout filter -> shard filter -> tokenize (chunks) -> + EOS -> pack into blocks
+    source rows (fixed order) -> holdout filter -> shard filter -> tokenize (chunks) -> EOS -> pack into blocks
     -> windowed shuffle -> batches {"input_ids": LongTensor[batch, seq_len + 1], "state": position after it}
 
 Source. `SourceSpec` names a `datasets` source, opened with `streaming=True` and read in its fixed order (never
@@ -21,7 +21,8 @@ stream exactly, and no process needs to know what the others did.
 
 Packing. Each document's ids + [eos] are appended to a running buffer that is cut into non-overlapping blocks of
 seq_len + 1 tokens (inputs = block[:-1], targets = block[1:]); the remainder (the carry, < seq_len + 1 tokens)
-continues into the next document, and across epochs.
+continues into the next document, and across epochs. Pre-tokenized documents that already end in eos get no
+second one: one eos between documents, whether a source stores it or not.
 
 Windowed shuffle. Blocks are collected into windows; a window closes at the first document boundary where it
 holds >= shuffle_window blocks (a window always starts on a document boundary, so its start is described by a
@@ -346,7 +347,8 @@ class PackedBatches(IterableDataset):
             for row, ids in self._documents(source, start.docs, shard, num_shards):
                 seen = True
                 buffer.extend(ids)
-                buffer.append(eos)
+                if not ids or ids[-1] != eos:
+                    buffer.append(eos)
                 if len(buffer) < length:
                     continue
                 cut = len(buffer) // length * length

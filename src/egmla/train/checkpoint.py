@@ -86,6 +86,17 @@ def check_checkpoint(path: Path, model_cfg: ModelConfig) -> dict[str, Any]:
     return ckpt
 
 
+def check_world_size(ckpt: dict[str, Any], path: Path, world: int) -> None:
+    """Refuse a resume on another number of ranks: each rank's data position is saved apart (world 0: not known
+    here, Lightning checks when it loads the position)."""
+    ranks = len((ckpt.get("StreamDataModule") or {}).get("ranks") or [])
+    if world and ranks and ranks != world:
+        raise ConfigError(
+            f"checkpoint {path} was trained on {ranks} ranks, this run has {world} (trainer.devices x "
+            f"trainer.num_nodes): resume with {ranks} (the data position is kept per rank), or start a new run"
+        )
+
+
 def _differences(saved: dict, current: dict, prefix: str = "model.") -> list[str]:
     out = []
     for key in sorted(set(saved) | set(current)):

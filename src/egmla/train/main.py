@@ -18,6 +18,7 @@ from .. import accounting
 from ..config import compose, model_config
 from ..model import ConfigError
 from ..model.config import check_choice, check_positive_int
+from .budget import apply_budget
 from .rundir import environment, is_rank_zero, write_json
 
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp2")
@@ -93,7 +94,7 @@ def _has_netrc_key() -> bool:
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     """Validate the whole selection; return what training needs. Writes nothing."""
-    from .checkpoint import check_checkpoint, resolve_resume
+    from .checkpoint import check_checkpoint, check_world_size, resolve_resume
     from .datamodule import StreamDataModule
 
     try:
@@ -101,6 +102,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     except Exception as exc:
         raise ConfigError(f"config is incomplete: {str(exc).splitlines()[0]}") from None
     mcfg = model_config(cfg)
+    budget = apply_budget(cfg)  # train.max_steps and trainer.accumulate_grad_batches from a token budget
     _check_settings(cfg)
     if mcfg.keeps_ids and mcfg.attention.fused_expand:  # the Triton kernel of EG-MLA gating the content
         import torch
@@ -123,7 +125,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     resume = resolve_resume(cfg.resume, run_dir)
     if resume is not None:
-        check_checkpoint(resume, mcfg)
+        check_world_size(check_checkpoint(resume, mcfg), resume, budget.world_size)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = StreamDataModule(data_cfg, seed=cfg.seed)
     datamodule.check(mcfg.vocab_size)
@@ -138,7 +140,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
 
         EvalSettings.from_dict(eval_cfg).require_tasks()
     return {"model_cfg": mcfg, "run_dir": run_dir, "resume": resume, "datamodule": datamodule,
-            "eval_cfg": eval_cfg, "periodic": periodic}  # fmt: skip
+            "eval_cfg": eval_cfg, "periodic": periodic, "budget": budget}  # fmt: skip
 
 
 def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = None) -> dict[str, Any] | None:
@@ -207,6 +209,12 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         default_root_dir=str(run_dir),
         enable_model_summary=False,
     )
+    budget_keys = t.get("max_tokens") is not None or t.get("global_batch_tokens") is not None
+    if budget_keys and trainer.world_size != prepared["budget"].world_size:
+        raise ConfigError(
+            f"the launcher started {trainer.world_size} ranks, the token budget was derived for "
+            f"{prepared['budget'].world_size} (trainer.devices x trainer.num_nodes): set them to match the launch"
+        )
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_hyperparams({"kv/bytes_per_token": summary["kv"]["bytes_per_token"],
@@ -237,6 +245,9 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
             "mfu": throughput.steady_mfu,
             "checkpoint_s": throughput.checkpoint_seconds,  # checkpoint writes, left out of tok_per_s
             "devices": trainer.world_size,
+            "max_tokens": prepared["budget"].max_tokens,  # the budget asked for (null: given in steps)
+            "global_batch_tokens": tokens_per_step,
+            "accumulation": accumulate,
             "resumed_from": str(prepared["resume"]) if prepared["resume"] else None,
         },
         "val": module.last_val,
@@ -268,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(args.overrides)
         if args.print_config:
-            print(OmegaConf.to_yaml(cfg, resolve=True))
+            description = apply_budget(cfg, launch=False).describe()  # fills in the derived steps and accumulation
+            print("\n".join([*description, OmegaConf.to_yaml(cfg, resolve=True)]))
             return 0
         prepared = prepare(cfg)
     except ConfigError as exc:
@@ -281,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"egmla-train: error: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found by the trainer: the ranks a launcher started, a checkpoint's data position
+        print(f"egmla-train: error: {exc}", file=sys.stderr)
+        return 2
     if results is not None:
         val = results["val"] or {}
         print(
