@@ -405,7 +405,7 @@ def test_table1_small_lists_the_study_rows_with_one_recipe():
     assert configs["mla_base_seed2"].seed == 2 and configs["egmla_kv64_seed2"].seed == 2
     for cfg in configs.values():  # one recipe: same data, tokens, optimizer
         assert cfg.data.name == "code" and cfg.data.seq_len == 2048 and cfg.model.name == "120m"
-        assert cfg.train.max_steps * cfg.data.batch_size * cfg.data.seq_len >= 40_000_000
+        assert cfg.train.max_tokens >= 40_000_000 and cfg.train.global_batch_tokens == 32_768
         assert dict(cfg.optim) == dict(configs["mla_base"].optim) and dict(cfg.train) == dict(configs["mla_base"].train)
 
 
