@@ -43,7 +43,8 @@ def test_small_study_targets_run_sweep_eval_and_table_offline(tmp_path):
                        "SWEEP_BUDGET=500", "SMALL_EVAL_LIMIT=100").stdout  # fmt: skip
         assert f"HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {bin_dir}/egmla-sweep sweeps/{sweep}.yaml" in planned
         assert f"--out runs/sweeps/{sweep} --time-budget 500" in planned
-        assert f'--eval "{bin_dir}/egmla-eval checkpoint={{run_dir}} eval=offline eval.limit=100 eval.batch_size=128"' in planned
+        evaluation = f"{bin_dir}/egmla-eval checkpoint={{run_dir}} eval=offline eval.limit=100 eval.batch_size=128"
+        assert f'--eval "{evaluation}"' in planned
         assert f"{bin_dir}/egmla-table runs/sweeps/{sweep} --out experiments/{sweep}" in planned
     planned = make("-n", "-B", "data/code/fingerprint.json", f"BIN={bin_dir}").stdout  # what the study builds
     assert "-m egmla.data.code_corpus --out data/code --min-tokens 150000000" in planned
