@@ -146,8 +146,10 @@ NAMED = [
     (["attention=gqa", "attention.n_kv_heads=6", "attention.head_dim=32"], "gqa6-hd32"),
     (["attention=egmla", "attention.gate_combine=add"], "egmla-kv64-g256-add"),
     (["attention=egmla_add"], "egmla-kv64-g256-add"),  # the control's own file: its name, no second tag
-    (["attention=egmla", "attention.gate_init=identity", "attention.gate_norm_scope=vector"],
-     "egmla-kv64-g256-idinit-vecnorm"),
+    (
+        ["attention=egmla", "attention.gate_init=identity", "attention.gate_norm_scope=vector"],
+        "egmla-kv64-g256-idinit-vecnorm",
+    ),
     (["attention=egmla", "+attention.gate_foo=x/y"], "egmla-kv64-g256-gate_foo-x_y"),  # any other knob: key-value
     (["attention=egmla", "attention.gate_on=latent", "attention.name=mine"], "mine"),  # a name given is kept
     (["experiment=table1_120m/egmla_kv16", "attention.gate_on=latent"], "egmla-kv16-g256-lat"),
