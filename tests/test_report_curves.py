@@ -1,4 +1,4 @@
-"""egmla-table's loss curves and speed columns, from hand-made run directories: results.json plus
+"""egmla-table's loss curves, speed columns and seed spread, from hand-made run directories: results.json plus
 Lightning-style csv/version_N/metrics.csv logs whose series, tokens and times are checked against hand arithmetic."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from egmla.report import main
-from egmla.report_curves import metric_files, read_curve, tokens_per_step
+from egmla.report import collect, main, seed_groups
+from egmla.report_curves import labels, metric_files, read_curve, tokens_per_step
 from test_report import md_rows, rows, write_run
 
 COLUMNS = ["epoch", "lr", "perf/tok_per_s", "step", "train/grad_norm", "train/loss", "val/bpb", "val/loss"]
@@ -179,6 +179,45 @@ def test_equal_time_quantity_by_hand(tmp_path):
     assert "train loss @ T (quality at equal training time)" in text and "T = 1 s (tiny), 2 s (120m)" in text
     for png in ("loss_curves.png", "loss_vs_time.png"):
         assert (out / png).read_bytes()[:8] == PNG, png
+
+
+def test_seed_groups_and_spread(tmp_path):
+    root = tmp_path / "runs"
+    logged_run(root, "mla-seed1", None, seed=1, loss=3.10)
+    logged_run(root, "mla-seed2", None, seed=2, loss=3.13, resume="last")  # resumed: still the same training
+    logged_run(root, "mla-seed3", None, seed=3, loss=None)  # not validated: listed, left out of mean and spread
+    logged_run(root, "other-lr-seed2", None, seed=2, lr=2e-3, loss=3.00)  # differs in optim.lr: no group
+    logged_run(root, "kv16-seed1", None, kv=16, seed=1, loss=3.3)  # alone with its config
+    runs = collect([root])
+    groups = seed_groups(runs)
+    assert [sorted(r.row["run"] for r in g) for g in groups] == [["mla-seed1", "mla-seed2", "mla-seed3"]]
+    grouped = sorted(groups[0], key=lambda r: r.row["run"])
+    assert labels(grouped) == ["mla-kv64 seed 1", "mla-kv64 seed 2", "mla-kv64 seed 3"]
+
+    out = tmp_path / "table"
+    assert main([str(root), "--out", str(out)]) == 0
+    assert {r["run"]: r["seed"] for r in rows(out)} == {
+        "mla-seed1": "1",
+        "mla-seed2": "2",
+        "mla-seed3": "3",
+        "other-lr-seed2": "2",
+        "kv16-seed1": "1",
+    }
+    text = (out / "table.md").read_text()
+    assert "## Seed spread" in text
+    assert "| tiny | mla-kv64 | 1: 3.1000, 2: 3.1300, 3: — | 3.1150 | 0.0300 |" in text
+    section = text.split("## Seed spread")[1]
+    assert section.count("| tiny | mla-kv") == 1  # one group only
+
+
+def test_no_seed_group_when_another_key_differs(tmp_path):
+    root = tmp_path / "runs"
+    logged_run(root, "a", None, seed=1)
+    logged_run(root, "b", None, seed=2, lr=3e-4)
+    assert seed_groups(collect([root])) == []
+    out = tmp_path / "table"
+    assert main([str(root), "--out", str(out)]) == 0
+    assert "No runs differ only in seed" in (out / "table.md").read_text()
 
 
 def test_runs_without_logs_still_table(tmp_path):

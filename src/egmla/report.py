@@ -20,7 +20,8 @@ size's defaults (latent model.attention_defaults.mla_kv_lora_rank, the run's RoP
 
 Speed and time per row: steady tok/s and MFU (train.tok_per_s, train.mfu), train time = tokens / tok/s, and
 "train loss @ T", each run's smoothed training loss at the shortest training time among the runs of its size
-(egmla.report_curves, from the runs' metric logs).
+(egmla.report_curves, from the runs' metric logs). Runs whose resolved configs differ only in seed get a seed-spread
+section: their val losses, mean and max - min.
 
 Written to DIR: table.md (header: machines, GPUs, dates, git commits, the exact command), results.csv,
 table.tex (booktabs), acc_vs_kv.png (average accuracy vs KV bytes/token, Pareto front marked; skipped with a
@@ -241,6 +242,7 @@ def make_run(path: Path, data: dict[str, Any], metric: str = "acc") -> Run:
         "train_tokens": _get(data, "train", "tokens"),
         "val_loss": _number(_get(data, "val", "loss")),
         "val_bpb": _number(_get(data, "val", "bpb")),
+        "seed": config.get("seed"),
         "tok_per_s": tok_per_s,
         "mfu": _number(_get(data, "train", "mfu")),
         "train_time_s": tokens / tok_per_s if tokens and tok_per_s else None,
@@ -334,6 +336,50 @@ def pareto_front(points: Sequence[tuple[float | None, float | None]], maximize: 
         )
         flags.append(not dominated)
     return flags
+
+
+# ------------------------------------------------------------------------------------------------ seed spread
+
+SEED_IGNORED = ("seed", "run_name", "run_dir", "resume")  # resume=last: the same training, continued
+
+
+def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """Runs whose resolved configs are equal but for SEED_IGNORED and that hold two seeds or more, in table order."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.config:
+            rest = {k: v for k, v in run.config.items() if k not in SEED_IGNORED}
+            groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(run)
+    return [group for group in groups.values() if len({repr(r.row["seed"]) for r in group}) > 1]
+
+
+def _seed_key(run: Run) -> tuple:
+    seed = run.row["seed"]
+    return (not isinstance(seed, int), seed if isinstance(seed, int) else 0, str(seed), run.row["run"])
+
+
+def seed_spread(runs: Sequence[Run]) -> list[str]:
+    """table.md's seed-spread section: each seed group's val loss per seed, mean and max - min."""
+    lines = ["", "## Seed spread", ""]
+    groups = seed_groups(runs)
+    if not groups:
+        return lines + ["No runs differ only in seed (train a row with another seed to measure the spread)."]
+    lines += [
+        "Runs whose resolved configs differ only in seed (run_dir, run_name and resume ignored): val loss per "
+        "seed, mean and spread (max - min). A difference between rows smaller than the spread is within seed noise.",
+        "",
+        "| size | attention | val loss by seed | mean | spread |",
+        "|---|---|---|---:|---:|",
+    ]
+    for group in groups:
+        ordered = sorted(group, key=_seed_key)
+        by_seed = ", ".join(f"{r.row['seed']}: {_fmt_float(r.row['val_loss']) or MISSING_MD}" for r in ordered)
+        losses = [r.row["val_loss"] for r in group if r.row["val_loss"] is not None]
+        mean = sum(losses) / len(losses) if losses else None
+        spread = max(losses) - min(losses) if len(losses) > 1 else None
+        cells = [group[0].row["size"], group[0].row["attention"], by_seed, _fmt_float(mean), _fmt_float(spread)]
+        lines.append("| " + " | ".join(MISSING_MD if c is None else str(c) for c in cells) + " |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------- formatting
@@ -580,6 +626,7 @@ CSV_FIELDS = [
     "train_tokens",
     "val_loss",
     "val_bpb",
+    "seed",
     "tok_per_s",
     "mfu",
     "train_time_s",
@@ -726,7 +773,7 @@ def build(runs: Sequence[Run], out: Path, title: str, argv: Sequence[str] = ()) 
     """Write every output for the (sorted) runs into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     front = pareto_front([(r.row["kv_bytes_per_token"], r.row["avg"]) for r in runs], maximize=True)
-    plots = write_plots(out, title, runs, front) + report_curves.add_curves(out, title, runs)
+    plots = write_plots(out, title, runs, front) + report_curves.add_curves(out, title, runs) + seed_spread(runs)
     write_markdown(out / "table.md", title, runs, front, argv, plots)
     write_csv(out / "results.csv", runs, front)
     write_latex(out / "table.tex", title, runs, front)
