@@ -18,10 +18,16 @@ The references are computed from each run's own resolved config with egmla.accou
 with attention=mha (2 x layers x d_model elements per token); MLA is the same model with attention=mla at its
 size's defaults (latent model.attention_defaults.mla_kv_lora_rank, the run's RoPE key width).
 
+Speed and time per row: steady tok/s and MFU (train.tok_per_s, train.mfu), train time = tokens / tok/s, and
+"train loss @ T", each run's smoothed training loss at the shortest training time among the runs of its size
+(egmla.report_curves, from the runs' metric logs). Runs whose resolved configs differ only in seed get a seed-spread
+section: their val losses, mean and max - min.
+
 Written to DIR: table.md (header: machines, GPUs, dates, git commits, the exact command), results.csv,
 table.tex (booktabs), acc_vs_kv.png (average accuracy vs KV bytes/token, Pareto front marked; skipped with a
-note when no run has accuracies) and loss_vs_kv.png. Missing values stay visibly missing: "—" in Markdown,
-"---" (an em dash) in LaTeX, an empty cell in the CSV; never 0.
+note when no run has accuracies), loss_vs_kv.png, and loss_curves.png / loss_vs_time.png (training and validation
+loss vs tokens and vs training time; runs without csv/version_N/metrics.csv logs are skipped with a note).
+Missing values stay visibly missing: "—" in Markdown, "---" (an em dash) in LaTeX, an empty cell in the CSV; never 0.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import report_curves
 from .eval.run import AVERAGES, average_accuracy, task_accuracy_metric
 
 RESULTS = "results.json"
@@ -214,6 +221,7 @@ def make_run(path: Path, data: dict[str, Any], metric: str = "acc") -> Run:
     latent = variant in ("mla", "egmla")
     elements = _number(_get(data, "kv", "elements_per_token"))
     mha, mla = references(config)
+    tokens, tok_per_s = _number(_get(data, "train", "tokens")), _number(_get(data, "train", "tok_per_s"))
     run = Run(path=path, data=data, metric=metric)
     run.row = {
         "run": data.get("run_name") or path.parent.name,
@@ -234,6 +242,12 @@ def make_run(path: Path, data: dict[str, Any], metric: str = "acc") -> Run:
         "train_tokens": _get(data, "train", "tokens"),
         "val_loss": _number(_get(data, "val", "loss")),
         "val_bpb": _number(_get(data, "val", "bpb")),
+        "seed": config.get("seed"),
+        "tok_per_s": tok_per_s,
+        "mfu": _number(_get(data, "train", "mfu")),
+        "train_time_s": tokens / tok_per_s if tokens and tok_per_s else None,
+        "equal_time_s": None,  # these two from the metric logs: report_curves.equal_time
+        "train_loss_at_equal_time": None,
     }
     for task, metrics in (data.get("eval") or {}).items():
         run.columns[task] = column_metric(data, task, metric)
@@ -324,6 +338,50 @@ def pareto_front(points: Sequence[tuple[float | None, float | None]], maximize: 
     return flags
 
 
+# ------------------------------------------------------------------------------------------------ seed spread
+
+SEED_IGNORED = ("seed", "run_name", "run_dir", "resume")  # resume=last: the same training, continued
+
+
+def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """Runs whose resolved configs are equal but for SEED_IGNORED and that hold two seeds or more, in table order."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.config:
+            rest = {k: v for k, v in run.config.items() if k not in SEED_IGNORED}
+            groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(run)
+    return [group for group in groups.values() if len({repr(r.row["seed"]) for r in group}) > 1]
+
+
+def _seed_key(run: Run) -> tuple:
+    seed = run.row["seed"]
+    return (not isinstance(seed, int), seed if isinstance(seed, int) else 0, str(seed), run.row["run"])
+
+
+def seed_spread(runs: Sequence[Run]) -> list[str]:
+    """table.md's seed-spread section: each seed group's val loss per seed, mean and max - min."""
+    lines = ["", "## Seed spread", ""]
+    groups = seed_groups(runs)
+    if not groups:
+        return lines + ["No runs differ only in seed (train a row with another seed to measure the spread)."]
+    lines += [
+        "Runs whose resolved configs differ only in seed (run_dir, run_name and resume ignored): val loss per "
+        "seed, mean and spread (max - min). A difference between rows smaller than the spread is within seed noise.",
+        "",
+        "| size | attention | val loss by seed | mean | spread |",
+        "|---|---|---|---:|---:|",
+    ]
+    for group in groups:
+        ordered = sorted(group, key=_seed_key)
+        by_seed = ", ".join(f"{r.row['seed']}: {_fmt_float(r.row['val_loss']) or MISSING_MD}" for r in ordered)
+        losses = [r.row["val_loss"] for r in group if r.row["val_loss"] is not None]
+        mean = sum(losses) / len(losses) if losses else None
+        spread = max(losses) - min(losses) if len(losses) > 1 else None
+        cells = [group[0].row["size"], group[0].row["attention"], by_seed, _fmt_float(mean), _fmt_float(spread)]
+        lines.append("| " + " | ".join(MISSING_MD if c is None else str(c) for c in cells) + " |")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------- formatting
 
 
@@ -390,8 +448,12 @@ def display_columns(runs: Sequence[Run], front: list[bool]) -> tuple[list[str], 
         "vs MHA",
         "vs MLA",
         "tokens",
+        "tok/s",
+        "MFU",
+        "train time",
         "val loss",
         "val bpb",
+        "train loss @ T",
     ]
     header += [_task_label(t) if m == "acc" else f"{_task_label(t)} ({m})" for t, m in tasks]
     shown = average_columns(runs)
@@ -414,8 +476,12 @@ def display_columns(runs: Sequence[Run], front: list[bool]) -> tuple[list[str], 
             _fmt_percent(r["saving_vs_mha"]),
             _fmt_percent(r["saving_vs_mla"]),
             _fmt_tokens(r["train_tokens"]),
+            _fmt_int(r["tok_per_s"]),
+            _fmt_percent(r["mfu"]),
+            None if r["train_time_s"] is None else report_curves.format_seconds(r["train_time_s"]),
             _fmt_float(r["val_loss"]),
             _fmt_float(r["val_bpb"]),
+            _fmt_float(r["train_loss_at_equal_time"]),
         ]
         cells += [_fmt_metric(m, cell(run, t, m)) for t, m in tasks]
         cells += [_fmt_metric("acc", r[AVERAGES[m]]) for m in shown]
@@ -473,6 +539,28 @@ def split_notes(runs: Sequence[Run]) -> list[str]:
     return lines
 
 
+def speed_notes(runs: Sequence[Run]) -> list[str]:
+    """What the speed columns and train loss @ T hold, with T of each model size."""
+    lines = []
+    if any(r.row["tok_per_s"] is not None for r in runs):
+        lines.append(
+            "Speed: tok/s and MFU at steady state (every throughput window but the first, which holds compilation "
+            "and warm-up; validation and checkpoint writes left out); train time = tokens / tok/s, wall clock on "
+            "the run's devices."
+        )
+    shortest = {str(r.row["size"]): r.row["equal_time_s"] for r in runs if r.row["equal_time_s"] is not None}
+    if shortest:
+        at = ", ".join(f"{report_curves.format_seconds(t)} ({size})" for size, t in shortest.items())
+        lines.append(
+            f"train loss @ T (quality at equal training time): each run's training loss "
+            f"({report_curves.SMOOTHING_TEXT}, linearly interpolated) at T, the shortest training time (the time "
+            f"axis of {report_curves.TIME_PNG}) among the runs of its size with metric logs: T = {at}. Slower "
+            "runs are read mid-schedule (learning rate not yet decayed), which overstates their loss at T against "
+            "a schedule made to end there."
+        )
+    return lines
+
+
 def notes(runs: Sequence[Run]) -> list[str]:
     metric = runs[0].metric
     lines = [
@@ -490,6 +578,7 @@ def notes(runs: Sequence[Run]) -> list[str]:
         counts = ", ".join(f"{m} x{n}" for m, n in sorted(chosen.items()))
         lines.append(f"The runs chose different eval.metric ({counts}): tabled with {metric} (--metric chooses).")
     lines += split_notes(runs)
+    lines += speed_notes(runs)
     limits = {_get(r.data, "eval_config", "limit") for r in runs if r.data.get("eval")} - {None}
     if limits:
         lines.append(
@@ -537,6 +626,12 @@ CSV_FIELDS = [
     "train_tokens",
     "val_loss",
     "val_bpb",
+    "seed",
+    "tok_per_s",
+    "mfu",
+    "train_time_s",
+    "equal_time_s",
+    "train_loss_at_equal_time",
 ]
 
 
@@ -678,7 +773,7 @@ def build(runs: Sequence[Run], out: Path, title: str, argv: Sequence[str] = ()) 
     """Write every output for the (sorted) runs into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     front = pareto_front([(r.row["kv_bytes_per_token"], r.row["avg"]) for r in runs], maximize=True)
-    plots = write_plots(out, title, runs, front)
+    plots = write_plots(out, title, runs, front) + report_curves.add_curves(out, title, runs) + seed_spread(runs)
     write_markdown(out / "table.md", title, runs, front, argv, plots)
     write_csv(out / "results.csv", runs, front)
     write_latex(out / "table.tex", title, runs, front)
