@@ -6,6 +6,7 @@ import csv
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import load_script, offline_env
@@ -83,3 +84,10 @@ def test_frozen_tables_experiment_freezes_the_gate_tables_alone(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     variants = [line.split()[0] for line in done.stdout.splitlines()[1:]]
     assert variants == ["mla-kv64", "egmla-kv16-g32", "egmla-kv16-g32-frozen-tables"], done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_bench_refuses_a_real_size_without_a_gpu(capsys):
+    assert main(["train", "--size", "120m", "--variants", "mha"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--size 120m needs a CUDA GPU and none is visible" in err[0]

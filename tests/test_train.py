@@ -361,3 +361,27 @@ def test_quiet_lightning_filters_those_two_notices_alone(caplog):
         log.info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/litlogger/)")
         log.info("💡 Tip: For seamless cloud uploads, try installing [litmodels](https://pypi.org/project/litmodels/)")
     assert [r.getMessage()[:30] for r in caplog.records] == ["💡 Tip: For seamless cloud uplo"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("trainer", ["gpu", "ddp", "fsdp"])
+def test_a_gpu_trainer_without_a_gpu_is_one_line_and_writes_nothing(corpus, tmp_path, capsys, trainer):
+    message = _error(capsys, [*overrides(corpus, tmp_path / "run"), f"trainer={trainer}"])
+    assert "no visible CUDA GPU: use trainer=cpu" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_keeps_the_evaluations_already_written(corpus, trained):
+    """results.json of a run evaluated at step 4, resumed to step 6 without eval=: the step-4 accuracies stay in
+    the file (earlier_evals, with their step), and none is presented as step 6's."""
+    path = trained / "results.json"
+    results = json.loads(path.read_text())
+    results |= {"eval": {"piqa_offline": {"acc": 0.61}}, "avg_acc": 0.61, "eval_splits": {"piqa_offline": "val"}}
+    path.write_text(json.dumps(results))
+    resumed = run_training(overrides(corpus, trained, "train.max_steps=6", "resume=last"))
+    assert resumed["train"]["steps"] == 6 and "eval" not in resumed and "avg_acc" not in resumed
+    assert resumed["earlier_evals"] == [
+        {"steps": 4, "eval": {"piqa_offline": {"acc": 0.61}}, "avg_acc": 0.61, "eval_splits": {"piqa_offline": "val"}}
+    ]
+    again = run_training(overrides(corpus, trained, "train.max_steps=8", "resume=last"))
+    assert again["earlier_evals"] == resumed["earlier_evals"]  # kept once, not lost by a second resume

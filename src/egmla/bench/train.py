@@ -181,6 +181,10 @@ def run(args) -> int:
                    "-m", "egmla.bench", *args.argv]  # fmt: skip
         return subprocess.run(command).returncode
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and args.size != "tiny":  # a 120M+ model's steps would fill the memory of most hosts
+        print(f"egmla-bench: error: --size {args.size} needs a CUDA GPU and none is visible: run it on a GPU machine, "
+              "or check the benchmark itself on the CPU with --size tiny", file=sys.stderr)  # fmt: skip
+        return 2
     if "LOCAL_RANK" in os.environ and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)

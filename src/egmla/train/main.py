@@ -7,6 +7,7 @@ resume) is checked before the run directory is touched; errors are one line on s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -92,6 +93,18 @@ def _has_netrc_key() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def _check_accelerator(cfg: DictConfig) -> None:
+    """A GPU trainer on a machine without a visible CUDA GPU: one line before anything is written."""
+    import torch
+
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no visible CUDA GPU: use trainer=cpu here "
+            "(trainer=gpu, ddp and fsdp need GPUs)"
+        )
+
+
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     """Validate the whole selection; return what training needs. Writes nothing."""
     from .checkpoint import check_checkpoint, check_world_size, resolve_resume
@@ -102,6 +115,7 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     except Exception as exc:
         raise ConfigError(f"config is incomplete: {str(exc).splitlines()[0]}") from None
     mcfg = model_config(cfg)
+    _check_accelerator(cfg)
     budget = apply_budget(cfg)  # train.max_steps and trainer.accumulate_grad_batches from a token budget
     _check_settings(cfg)
     if mcfg.keeps_ids and mcfg.attention.fused_expand:  # the Triton kernel of EG-MLA gating the content
@@ -263,8 +277,26 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         manager = prepared["periodic"].manager if prepared["periodic"] is not None else None
         results |= evaluate_model(module.model, datamodule.tokenizer, eval_cfg | {"device": device}, manager)
         results["eval_config"] = eval_cfg
+    results["earlier_evals"] = earlier_evals(run_dir / "results.json")
     write_json(run_dir / "results.json", results)
     return results
+
+
+EVAL_KEYS = ("eval", "avg_acc", "avg_acc_norm", "eval_splits", "eval_config", "eval_history")
+
+
+def earlier_evals(path: Path) -> list[dict[str, Any]]:
+    """The evaluations a results.json already holds (a run resumed and trained further rewrites the file): its own
+    earlier_evals, then its evaluation of the checkpoint it was written for, with that checkpoint's step. They
+    stay in the file under earlier_evals, never as the new checkpoint's accuracies."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    kept = list(old.get("earlier_evals") or [])
+    if any(key in old for key in EVAL_KEYS):
+        kept.append({"steps": (old.get("train") or {}).get("steps"), **{k: old[k] for k in EVAL_KEYS if k in old}})
+    return kept
 
 
 def main(argv: list[str] | None = None) -> int:
