@@ -385,3 +385,20 @@ def test_a_resume_keeps_the_evaluations_already_written(corpus, trained):
     ]
     again = run_training(overrides(corpus, trained, "train.max_steps=8", "resume=last"))
     assert again["earlier_evals"] == resumed["earlier_evals"]  # kept once, not lost by a second resume
+
+
+def test_output_to_a_file_is_one_line_per_log_interval(corpus, tmp_path):
+    """Not a terminal (a sweep's log, a batch job): no bar redraws, a line every train.log_every steps and one per
+    validation, each with the logged loss."""
+    import subprocess
+    import sys
+
+    args = overrides(corpus, tmp_path / "run", "train.log_every=2")
+    done = subprocess.run([sys.executable, "-m", "egmla.train", *args], env=offline_env(), capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stderr
+    steps = [line for line in done.stderr.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["2/6", "4/6", "6/6"]
+    assert all("train/loss=" in line for line in steps)
+    assert sum(line.startswith("validation at step") and "val/loss=" in line for line in done.stderr.splitlines()) >= 2

@@ -298,14 +298,21 @@ def summarize(results: dict[str, Any], settings: EvalSettings, splits: dict[str,
 
 @contextlib.contextmanager
 def _quiet_lm_eval():
-    """lm-eval warns once per task (e.g. about num_fewshot); keep its errors only, restore its level after."""
+    """lm-eval warns once per task (e.g. about num_fewshot); keep its errors only, and datasets' preparation bars
+    off (~120 of them for the offline suite); restore both after."""
+    import datasets
+
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(max(logging.ERROR, logger.getEffectiveLevel()))
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def evaluate_model(model, tokenizer, eval_cfg: dict[str, Any], manager=None) -> dict[str, Any]:

@@ -168,7 +168,7 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
     from .checkpoint import AtomicCheckpointIO, checkpoint_dir
     from .module import LanguageModel
     from .perf import Throughput
-    from .progress import StepProgressBar
+    from .progress import progress_callback
     from .quiet import quiet_lightning
 
     quiet_lightning()
@@ -218,7 +218,7 @@ def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = No
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every,
         logger=_logger(cfg, run_dir),
-        callbacks=[checkpoints, throughput, StepProgressBar(t.log_every), *extra_callbacks, *(callbacks or [])],
+        callbacks=[checkpoints, throughput, progress_callback(t.log_every), *extra_callbacks, *(callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run_dir),
         enable_model_summary=False,
