@@ -11,7 +11,7 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 .PHONY: help setup test lint format kv data data-code eval-data demo bench bench-fsdp bench-decode reproduce-table-kv \
-	reproduce-table-tiny reproduce-table1-small reproduce-gate-dim-small reproduce-table1 reproduce-latent-sweep \
+	reproduce-table-tiny reproduce-table1-small reproduce-gate-dim-small reproduce-scaling-small reproduce-table1 reproduce-latent-sweep \
 	reproduce-gate-dim reproduce-scaling clean
 
 help:  ## list the targets
@@ -133,6 +133,9 @@ reproduce-table1-small: setup data/code/fingerprint.json data/eval/tasks  ## one
 
 reproduce-gate-dim-small: setup data/code/fingerprint.json data/eval/tasks  ## one GPU, offline: EG-MLA kv64 gate_dim 32-512 (Figure 1b) at small scale
 	$(call small_study,gate_dim_small,Gate width at small scale (EG-MLA kv64$(comma) 120M$(comma) ~42M tokens))
+
+reproduce-scaling-small: setup data/code/fingerprint.json data/eval/tasks  ## one node of GPUs (4 planned), offline: MLA vs EG-MLA kv64 at 120m-1.2b, ~63M tokens a row
+	$(call small_study,scaling_small,Scaling at small budget (120m-1.2b$(comma) ~63M tokens$(comma) FSDP2))
 
 reproduce-table1: setup  ## GPUs + hub: the paper's Table 1 at 120M on ClimbMix, evaluated, tabled
 	$(call sweep_and_table,table1_120m,Table 1 (120M))

@@ -325,6 +325,7 @@ EXPECTED = {
     ),
     "scaling": (4, ["experiment=scaling", "model=650m", "attention=mla"]),
     "table1_small": (10, ["experiment=table1_small/mla_base"]),
+    "scaling_small": (6, ["experiment=scaling_small", "model=1.2b", "attention=mla"]),
     "gate_dim_small": (
         5,
         ["experiment=table1_small/egmla_kv64", "experiment_name=gate_dim_small", "attention.gate_dim=256"],
@@ -407,6 +408,26 @@ def test_table1_small_lists_the_study_rows_with_one_recipe():
         assert cfg.data.name == "code" and cfg.data.seq_len == 2048 and cfg.model.name == "120m"
         assert cfg.train.max_tokens >= 40_000_000 and cfg.train.global_batch_tokens == 32_768
         assert dict(cfg.optim) == dict(configs["mla_base"].optim) and dict(cfg.train) == dict(configs["mla_base"].train)
+
+
+def test_scaling_small_trains_every_size_on_the_same_tokens_and_global_batch():
+    """MLA-Base and EG-MLA kv64 at three sizes; every row the same tokens in the same global batch whether the node
+    has 4 GPUs (as planned) or 1 (accumulation 4): the budget is in tokens, not steps."""
+    from egmla.train.budget import apply_budget
+
+    spec = load_spec(ROOT / "sweeps" / "scaling_small.yaml")
+    trials = run_sweep(Runner(spec, Path("unused"), ["x"], dry_run=True), 6)
+    rows = {(t.params["model"], t.params["attention"]) for t in trials}
+    assert rows == {(m, a) for m in ("120m", "650m", "1.2b") for a in ("mla", "egmla")}
+    for t in trials:
+        for gpus, accumulation in ((4, 1), (1, 4)):
+            cfg = compose([*overrides_of(t.params), f"trainer.devices={gpus}"])
+            assert cfg.trainer.strategy == "fsdp2" and cfg.data.name == "code"
+            budget = apply_budget(cfg)
+            assert cfg.train.max_steps == 480 and cfg.trainer.accumulate_grad_batches == accumulation
+            assert budget.world_size == gpus and cfg.train.max_tokens == 480 * 131_072 >= 50_000_000
+        kv = model_config(compose(overrides_of(t.params))).attention.kv_lora_rank
+        assert kv == (256 if t.params["attention"] == "mla" else 64)
 
 
 def test_time_budget_stops_between_trials_and_the_same_command_continues(tmp_path, fake, monkeypatch, capsys):
