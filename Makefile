@@ -76,7 +76,7 @@ THROUGHPUT_CSV ?= experiments/throughput/results.csv
 bench: setup  ## training tok/s, MFU, memory per attention variant: the paper's 120M, seq 2048, one GPU (appends to THROUGHPUT_CSV)
 	$(BIN)/egmla-bench train --size 120m --seq 2048 --batch 16 --csv $(THROUGHPUT_CSV)
 
-# Per-GPU batch of bench-fsdp: 8 fits an 80 GB H100; 16 (77 GiB a GPU) is faster on cards of 96 GB or more.
+# Per-GPU batch of bench-fsdp: 8 fits an 80 GB H100; 16 is faster on cards of 96 GB or more (experiments/throughput).
 FSDP_BATCH ?= 8
 
 bench-fsdp: setup  ## the ~1.2B EG-MLA on one GPU, then sharded over GPUS (default 4) with FSDP2, FSDP_BATCH per GPU (appends to THROUGHPUT_CSV)
@@ -114,10 +114,10 @@ define sweep_and_table
 	$(BIN)/egmla-table runs/sweeps/$(1) --out experiments/$(1) --title "$(2)"
 endef
 
-# The small-scale study on one GPU, offline (data=code, eval=offline): each row ~3 min on an H200.
+# The small-scale study on one GPU, offline (data=code, eval=offline): minutes a row (experiments/table1_small).
 # SWEEP_BUDGET=SECONDS stops starting rows once fewer seconds are left than the longest row took (GPU time slices,
 # batch-job limits); rerunning the same command continues. SMALL_EVAL_LIMIT="" scores every example.
-# The full offline suite (127,749 requests) took 2m40s per row on an H200, as long as the training; at ~42M tokens
+# The full offline suite (127,749 requests) takes as long per row as the training (its README); at ~42M tokens
 # the accuracies sit near chance, so the small studies score 200 examples per task (MMLU: per subject).
 SWEEP_BUDGET ?=
 SMALL_EVAL_LIMIT ?= 200

@@ -135,7 +135,7 @@ def test_expand_variants():
 TINY = ["--size", "tiny", "--set", "model.vocab_size=257", "model.n_layers=2", "--batch", "2", "--steps", "1",
         "--warmup", "0", "--prefill-chunk", "16", "--block-s", "8"]  # fmt: skip
 # KV bytes per token of the tiny model (2 layers, d_model 128, 4 heads; MLA kv 64, EG-MLA kv 16, RoPE 16),
-# in fp32 (the CPU benchmark's dtype), by hand from PAPER.md's table.
+# in fp32 (the CPU benchmark's dtype), by hand from the table in docs/paper.md.
 TINY_KV_BYTES = {"mha": 2 * 2 * 128 * 4, "gqa": 2 * 2 * 2 * 32 * 4, "mqa": 2 * 2 * 32 * 4,
                  "mla_absorbed": 2 * (64 + 16) * 4, "egmla_latent_absorbed": 2 * (16 + 16) * 4,
                  "egmla": 2 * (16 + 16) * 4, "egmla_fused_reference": 2 * (16 + 16) * 4,

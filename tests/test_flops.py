@@ -1,4 +1,4 @@
-"""The FLOPs/token formula (DESIGN.md convention) agrees with torch's FLOP counter on a training step."""
+"""The FLOPs/token formula (docs/design.md convention) agrees with torch's FLOP counter on a training step."""
 
 from __future__ import annotations
 

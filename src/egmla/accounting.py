@@ -1,11 +1,11 @@
 """Analytic KV-cache, parameter and FLOP accounting of a model configuration. The tests hold these formulas
 against the real modules: cache tensors, parameter counts and torch's FLOP counter.
 
-KV elements per token per layer (PAPER.md): MHA/GQA/MQA 2 * n_kv * d_head; MLA and EG-MLA d_c + d_rope.
+KV elements per token per layer (docs/paper.md): MHA/GQA/MQA 2 * n_kv * d_head; MLA and EG-MLA d_c + d_rope.
 EG-MLA gating the K/V content also keeps the context's token ids (int32, shared by all layers) to recompute
 its gate: reported as `id_bytes_per_token`, never inside KV.
 
-FLOPs per token (DESIGN.md convention, training = forward + backward):
+FLOPs per token (the MFU convention of docs/design.md; training = forward + backward):
     6 * matmul_params + 6 * n_layers * n_heads * (d_qk + d_v) * seq
 matmul_params counts every Linear weight, the output head included even when tied; embedding and gate-table
 lookups are excluded; no causal discount.

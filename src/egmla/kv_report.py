@@ -21,7 +21,7 @@ from . import accounting
 from .config import compose, model_config
 from .model import ConfigError, ModelConfig
 
-# Table 1 of the paper (PAPER.md): label, overrides, the paper's KV elements/token and 7-task average accuracy.
+# Table 1 of the paper (docs/paper.md): label, overrides, the paper's KV elements/token and 7-task average accuracy.
 PAPER_TABLE1 = [
     ("MHA (12L/768d)", ["model=120m", "attention=mha"], 18432, None),
     ("MLA-Base", ["model=120m", "attention=mla"], 3840, 43.84),

@@ -10,7 +10,7 @@ loading: one GPU: bf16 autocast, torch.compile of the whole model and of the los
 as trainer=fsdp applies it (blocks compiled one by one, bf16 mixed-precision policy); then fused AdamW and
 gradient clipping at 1.0. --loss fused (the default, as train.fused_loss): the output head and cross-entropy
 fused chunk by chunk; plain: full logits, then the loss. --batch is per GPU. Reported: tokens/s of all GPUs,
-MFU per GPU (DESIGN.md convention), peak memory of the fullest GPU, and tokens/s relative to the first variant,
+MFU per GPU (docs/design.md convention), peak memory of the fullest GPU, and tokens/s relative to the first variant,
 measured in this run.
 """
 

@@ -213,18 +213,16 @@ def default_split_tokens(batch: int, head_groups: int, s: int, block_s: int, dev
     """Enough splits for about 4 programs per SM (a program per sequence, split and head group), never fewer than
     4 tiles nor more than `cap` tokens per split.
 
-    The cap, measured on an H200 with the earlier kernel (120m, 16K context, 32-token tiles): batch 32 51.8 us per
-    sequence-layer with 2048-token splits vs 52.0 with 8192; batch 213 48.9 vs 57.6 with one split per sequence."""
+    The cap: 2048-token splits are as fast as longer ones at small batches and much faster than one split per
+    sequence at large ones (experiments/decode/README.md, end of "The kernel's costs")."""
     splits = max(1, -(-4 * _sm_count(device) // (batch * head_groups)))
     return max(4 * block_s, min(cap, -(-s // splits)))
 
 
-# Launch defaults per gate source, measured on an H200 (120m, 16K context, batch 32, kernel alone, us per
-# sequence-layer; experiments/decode/kernel_costs.py): table rows in 64-token tiles on 4 warps, 2 stages (24.75
-# with the L2 hints, 27.44 on 2 warps; without the hints 27.36 on 2 warps); the embedding in 64-token tiles on
-# 4 warps, 1 stage, 512-token splits (59.5, with or without the hints; 32-token tiles on 2 warps 75.1). The
-# kernel before (gate after the latent, fp32 gate rows, values summed in registers): 40.5 and 92.1. Serving 2
-# or 4 heads per program was slower on that kernel (table: 49.8 and 53.5 at best).
+# Launch defaults per gate source, the fastest of the launch sweeps (experiments/decode/kernel_costs.py; figures in
+# experiments/decode/README.md, "The kernel's costs, and what the restructure changed"): table rows in 64-token
+# tiles on 4 warps, 2 stages (4 warps win only together with the L2 hints); the embedding in 64-token tiles on
+# 4 warps, 1 stage, 512-token splits. One head per program: serving 2 or 4 was slower.
 LAUNCH = {
     "table": {"block_s": 64, "num_warps": 4, "num_stages": 2, "split_cap": 2048, "heads_per_program": 1},
     "embedding": {"block_s": 64, "num_warps": 4, "num_stages": 1, "split_cap": 512, "heads_per_program": 1},

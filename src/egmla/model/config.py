@@ -65,8 +65,8 @@ class AttentionConfig:
     fused_expand: EG-MLA gating the content, full forwards (training, evaluation) on a CUDA GPU: gate, normalise
         and expand K/V in one Triton kernel (egmla.kernels.gated_expand) instead of separate matmuls and
         elementwise passes. Same function; dimensions must be powers of two >= 16. Ignored by the other
-        variants, so that one setting can serve a sweep or benchmark over all of them. Off by default: on an
-        H200 it saves 2.3 GiB at 120M batch 16 but trains 3-4% slower (experiments/throughput/README.md).
+        variants, so that one setting can serve a sweep or benchmark over all of them. Off by default: it saves
+        memory but trains slower in the model (experiments/throughput/README.md, "EG-MLA's fused expansion").
     """
 
     variant: str = "mha"

@@ -62,7 +62,7 @@ def _selective_context():
 
 def compile_model(model: Transformer, scope: str) -> None:
     """torch.compile in place (parameter names unchanged). model: one graph for the whole forward, fastest
-    (measured +4% tok/s at 120m on an H200) but its compile time grows with depth; blocks: each block's
+    (at 120m: experiments/throughput/README.md) but its compile time grows with depth; blocks: each block's
     forward, one graph reused by every layer, compiled in seconds at any depth, and FSDP's hooks stay eager."""
     check_choice("train.compile_scope", scope, COMPILE_SCOPES)
     if scope == "model":

@@ -60,7 +60,7 @@ class LanguageModel(L.LightningModule):
                            self.sharding.get("reshard_after_forward", True))  # fmt: skip
         if self.compile and not self.fused_loss:
             # Compiling the loss fuses the fp32 upcast into the softmax instead of materialising fp32 logits:
-            # measured +18% tok/s and -9 GiB at 120m, seq 2048, batch 16 on an H200 (egmla-bench).
+            # faster and smaller at 120m (experiments/throughput/README.md, "Results: the paper's 120M ...").
             self._cross_entropy = torch.compile(cross_entropy)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -68,8 +68,8 @@ class LanguageModel(L.LightningModule):
 
     def _loss(self, ids: torch.Tensor, reduction: str = "mean", eager: bool = False) -> torch.Tensor:
         """Next-token loss of ids [B, T + 1]. eager: bypass the whole-model compiled graph (train.compile_scope=
-        model), whose guards on grad mode would compile a second graph for validation (~40 s at 120m on an H200,
-        against ~1 s for 32 eager batches)."""
+        model), whose guards on grad mode would compile a second graph for validation, which takes far longer
+        than the eager batches (experiments/throughput/README.md, "The training loop against the benchmark")."""
         inputs, targets = ids[:, :-1], ids[:, 1:]
         model = self.model.forward if eager and self.compile == "model" else self.model
         if self.fused_loss:
@@ -87,8 +87,8 @@ class LanguageModel(L.LightningModule):
         return loss
 
     # A non-finite loss is recorded on the device and looked at only at log points, checkpoint saves and the end:
-    # reading it every step would stall the host on the GPU once per step (measured: the loop ran at 0.89-0.94 of
-    # egmla-bench's tok/s with a check per step).
+    # reading it every step would stall the host on the GPU once per step and slow the loop (experiments/throughput/
+    # README.md, "The training loop against the benchmark").
     def _watch_loss(self, loss: torch.Tensor) -> None:
         if self._first_bad is None or self._first_bad.device != loss.device:
             self._first_bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=loss.device)  # step, loss

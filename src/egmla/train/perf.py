@@ -1,6 +1,6 @@
 """Training throughput and model FLOPs utilisation (MFU), logged as perf/tok_per_s and perf/mfu.
 
-MFU convention (DESIGN.md): flops_per_token (6 x matmul params + 6 x layers x heads x (d_qk + d_v) x seq,
+MFU convention (docs/design.md): flops_per_token (6 x matmul params + 6 x layers x heads x (d_qk + d_v) x seq,
 no causal discount) x tokens/s / (bf16 dense peak of the GPU x GPUs). No MFU on CPUs (no agreed peak).
 """
 
