@@ -336,10 +336,11 @@ def test_a_run_prints_neither_the_litlogger_tip_nor_the_leafspec_warning(corpus,
                           text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "litlogger" not in done.stderr and "LeafSpec" not in done.stderr, done.stderr
+    assert "GPU available" not in done.stderr and "TPU available" not in done.stderr
     assert "`Trainer.fit` stopped: `max_steps=2` reached." in done.stderr  # Lightning's other messages stay
 
 
-def test_quiet_lightning_filters_those_two_notices_alone(caplog):
+def test_quiet_lightning_filters_those_notices_alone(caplog):
     import logging
     import warnings
 
@@ -360,7 +361,14 @@ def test_quiet_lightning_filters_those_two_notices_alone(caplog):
     with caplog.at_level(logging.INFO):
         log.info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/litlogger/)")
         log.info("💡 Tip: For seamless cloud uploads, try installing [litmodels](https://pypi.org/project/litmodels/)")
-    assert [r.getMessage()[:30] for r in caplog.records] == ["💡 Tip: For seamless cloud uplo"]
+        log.info("GPU available: True (cuda), used: True")
+        log.info("TPU available: False, using: 0 TPU cores")
+        log.info("`Trainer.fit` stopped: `max_steps=2` reached.")
+        logging.getLogger("lightning.pytorch.accelerators.cuda").info("LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]")
+    assert [r.getMessage()[:30] for r in caplog.records] == [
+        "💡 Tip: For seamless cloud uplo",
+        "`Trainer.fit` stopped: `max_st",
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
