@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import random
 import shutil
 import zipfile
@@ -25,6 +26,7 @@ from egmla.eval import eval_data, offline_tasks
 from egmla.eval.callback import PeriodicEval
 from egmla.eval.offline_tasks import lm_eval_tasks_dir, loadable_tasks, mmlu_subjects, write_tasks
 from egmla.eval.run import EvalSettings, compose_eval, main, merge_results, summarize
+from egmla.lock import hold
 from egmla.model import ConfigError
 
 ROWS = 3  # per split: the suite runs with eval.limit=4, so every row is scored
@@ -321,6 +323,10 @@ def test_cli_errors_are_one_line(tiny_run, data_dir, tmp_path, capsys):
     assert "does not exist" in _error(capsys, [f"checkpoint={tmp_path / 'nowhere'}", *offline_args(data_dir)])
     assert "eval.limit=-1 is invalid" in _error(capsys, [ckpt, *offline_args(data_dir), "eval.limit=-1"])
     assert "is not a folder of task YAMLs: run `make eval-data`" in _error(capsys, [ckpt, *offline_args(tmp_path)])
+    results = (tiny_run / "results.json").read_text()
+    with hold(tiny_run, "run dir"):  # a training (or another evaluation) writes this run
+        assert f"run dir {tiny_run} is in use by PID {os.getpid()}" in _error(capsys, [ckpt, *offline_args(data_dir)])
+    assert (tiny_run / "results.json").read_text() == results
     assert "eval.average names 'piqa_offline'" in _error(capsys, [ckpt, *offline_args(data_dir, "eval.tasks=[x]")])
     one_task = ["eval.tasks=[bogus_offline]", "eval.average=[]"]
     assert "'bogus_offline' is not among the task YAMLs" in _error(capsys, [ckpt, *offline_args(data_dir, *one_task)])

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import offline_env
 from egmla import compose, model_config
 from egmla.sweep import Runner, load_spec, main, overrides_of, run_sweep, trial_limit
 
@@ -18,15 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 
 # A stand-in for `python -m egmla.train`: records each call, writes a checkpoint, then either crashes (exit 1)
-# or writes results.json with val/loss = (x - 2)^2 + len(opt) + lr.
+# or writes results.json with val/loss = (x - 2)^2 + len(opt) + lr. With FAKE_SLEEP=PATH it first writes its PID
+# to PATH and sleeps (a long training).
 FAKE_TRAINER = r"""
-import json, os, sys
+import json, os, sys, time
 from pathlib import Path
 
 args = sys.argv[1:]
 kv = dict(a.split("=", 1) for a in args)
 with open(os.environ["FAKE_CALLS"], "a") as f:
     f.write(json.dumps(args) + "\n")
+if os.environ.get("FAKE_SLEEP"):
+    Path(os.environ["FAKE_SLEEP"]).write_text(str(os.getpid()))
+    time.sleep(120)
 run_dir = Path(kv["run_dir"])
 (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
 (run_dir / "checkpoints" / "last.ckpt").write_text("step 3")
@@ -176,6 +184,77 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path, fake, monkeypatch):
     assert len(new_calls) == 6 - len(before) + 1  # the interrupted trial and the ones never started
     assert new_calls[0][-2:] == [f"run_dir={out / before[-1]['id']}", "resume=last"]
     assert [t["params"] for t in after[: len(before)]] == [t["params"] for t in before]
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # gone meanwhile
+        return False
+
+
+def wait_until(condition, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture
+def sleeping_sweep(tmp_path, fake, monkeypatch):
+    """A runner subprocess on tmp_path/out whose first trial sleeps; yields (runner, trainer's PID, argv)."""
+    out, pid_file = tmp_path / "out", tmp_path / "trainer.pid"
+    argv = [str(write_spec(tmp_path, GRID)), "--out", str(out), "--train-cmd", fake.train_cmd]
+    env = offline_env(FAKE_SLEEP=str(pid_file))
+    src = str(ROOT / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    runner = subprocess.Popen([sys.executable, "-m", "egmla.sweep", *argv], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert wait_until(lambda: pid_file.is_file() and pid_file.read_text().isdigit(), 60), runner.stderr
+        yield runner, int(pid_file.read_text()), argv
+    finally:
+        runner.kill()
+        runner.communicate()
+        if pid_file.is_file() and alive(child := int(pid_file.read_text())):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused_in_one_line(sleeping_sweep, fake, capsys):
+    runner, _, argv = sleeping_sweep
+    out = Path(argv[2])
+    before = (out / "sweep_state.json").read_text()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and not captured.out, captured
+    assert err[0].startswith(f"egmla-sweep: error: sweep folder {out} is in use by PID {runner.pid} on ")
+    assert len(fake.calls()) == 1  # the first runner's trial only: nothing ran twice
+    assert (out / "sweep_state.json").read_text() == before
+    assert main([*argv, "--dry-run"]) == 0  # a dry run writes nothing: it needs no lock
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_the_trainer_dies_with_the_runner(sleeping_sweep, how):
+    """SIGTERM: the runner stops its child and records the trial; SIGKILL: the kernel sends the child SIGTERM."""
+    runner, child, argv = sleeping_sweep
+    assert alive(child)
+    runner.send_signal(how)
+    runner.communicate(timeout=20)
+    assert wait_until(lambda: not alive(child), 5), f"trainer {child} outlived the runner ({how.name})"
+    if how == signal.SIGTERM:
+        assert runner.returncode == 128 + signal.SIGTERM
+        trial = state(Path(argv[2]))["trials"][0]
+        assert (trial["status"], trial["error"]) == ("running", "interrupted")  # the rerun resumes it
 
 
 @pytest.mark.parametrize("method", ["random", "bayes"])

@@ -17,18 +17,26 @@ State lives in `<out>/sweep_state.json`: every trial with its parameters, status
 the same command resumes: finished trials are skipped, a trial whose run_dir has a results.json is not trained
 again, and a trial that stopped mid-way continues from its last checkpoint (`resume=last`). Child output goes to
 `<run_dir>/sweep.log`. Grid sweeps end when the grid is exhausted; random and bayes need `--max-trials` or the
-spec's `run_cap`. Exit status: 0 all trials finished, 1 some failed, 2 a bad spec or command line.
+spec's `run_cap`. One runner per sweep folder: a second one on the same `--out` is refused (`<out>/.lock`, an OS
+lock that dies with its holder), and each trainer locks its own run dir. The children die with the runner (SIGTERM,
+SIGINT, or the runner killed outright). Exit status: 0 all trials finished, 1 some failed, 2 a bad spec or command
+line or a sweep folder in use, 130/143 interrupted (SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import math
+import os
 import random
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -38,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from .lock import FolderLocked, hold
 from .train.rundir import write_json
 
 METHODS = ("grid", "random", "bayes")
@@ -50,6 +59,10 @@ METRIC_ALIASES = {"perf/tok_per_s": "train/tok_per_s", "perf/mfu": "train/mfu"}
 
 class SweepError(Exception):
     """A problem with the spec, the state or the command line: reported in one line, exit status 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the running child is stopped and the trial's state recorded."""
 
 
 # ----------------------------------------------------------------------------------------------------- the spec
@@ -343,13 +356,33 @@ class Runner:
         with open(run_dir / LOG_FILE, "a") as log:
             log.write(f"\n$ {shlex.join(command)}  # {_now()}\n")
             log.flush()
+            # An interrupt inside subprocess.run kills the child before it propagates; the preexec_fn covers
+            # the runner killed outright (SIGKILL), when no Python code runs.
+            output = {} if self.verbose else {"stdout": log, "stderr": subprocess.STDOUT}
             try:
-                if self.verbose:
-                    return subprocess.run(command).returncode
-                return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+                return subprocess.run(command, preexec_fn=die_with_parent(), **output).returncode
             except OSError as exc:  # e.g. the program is not installed: the trial fails, the sweep goes on
                 log.write(f"egmla-sweep: cannot run {command[0]!r}: {exc.strerror or exc}\n")
                 return 127
+
+
+def die_with_parent():
+    """A preexec_fn that has Linux send SIGTERM to the child when the runner dies (prctl PR_SET_PDEATHSIG);
+    None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()  # looked up before the fork
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the runner died before the prctl call
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
@@ -600,6 +633,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def _on_sigterm(handler):
+    """`handler` for SIGTERM while the block runs (the main thread only: elsewhere Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -615,14 +661,18 @@ def main(argv: list[str] | None = None) -> int:
             dry_run=args.dry_run,
             verbose=args.verbose,
         )
-        goal = f"; metric {spec.metric} ({spec.goal})" if spec.metric else ""
-        what = "dry run, nothing is run" if args.dry_run else f"-> {out}"
-        print(f"egmla-sweep: {spec.config.get('name', spec.path.stem)} ({spec.method}, {limit} trials) {what}{goal}")
-        budget = TimeBudget(args.time_budget)
-        trials = run_sweep(runner, limit, args.seed, budget)
-    except SweepError as exc:
+        with contextlib.nullcontext() if args.dry_run else hold(out, "sweep folder"), _on_sigterm(_terminate):
+            goal = f"; metric {spec.metric} ({spec.goal})" if spec.metric else ""
+            what = "dry run, nothing is run" if args.dry_run else f"-> {out}"
+            name = spec.config.get("name", spec.path.stem)
+            print(f"egmla-sweep: {name} ({spec.method}, {limit} trials) {what}{goal}")
+            budget = TimeBudget(args.time_budget)
+            trials = run_sweep(runner, limit, args.seed, budget)
+    except (SweepError, FolderLocked) as exc:
         print(f"egmla-sweep: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
     if args.dry_run:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..lock import FolderLocked, hold
 from ..model import ConfigError
 from ..model.config import error_summary
 
@@ -371,10 +372,19 @@ def evaluate_run(run_dir: str | Path, eval_cfg: dict[str, Any]) -> dict[str, Any
     if run_dir.is_file():
         raise ConfigError(f"checkpoint={run_dir} is a file: pass its run directory (results.json goes there)")
     check_include_path(settings)  # before loading the model: the cheap mistakes first
-    model, tokenizer, _ = load_run(run_dir, device=settings.device)
-    results = evaluate_model(model, tokenizer, _plain(eval_cfg))
-    merge_results(run_dir / "results.json", {**results, "eval_config": _plain(eval_cfg)})
+    # A training or another evaluation writing this run's results.json must not race this one.
+    with hold(run_dir, "run dir") if _is_run_dir(run_dir) else contextlib.nullcontext():
+        model, tokenizer, _ = load_run(run_dir, device=settings.device)
+        results = evaluate_model(model, tokenizer, _plain(eval_cfg))
+        merge_results(run_dir / "results.json", {**results, "eval_config": _plain(eval_cfg)})
     return results
+
+
+def _is_run_dir(path: Path) -> bool:
+    """A folder to lock: a run directory (not a missing one, not a sharded checkpoint's folder)."""
+    from ..train.fsdp import is_sharded_checkpoint
+
+    return path.is_dir() and not is_sharded_checkpoint(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.require_tasks()
         start = time.perf_counter()
         results = evaluate_run(run_dir, eval_cfg)
-    except ConfigError as exc:  # EvalError included
+    except (ConfigError, FolderLocked) as exc:  # EvalError included; FolderLocked: a training writes the run
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(results, settings))

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import accounting
 from ..config import compose, model_config
+from ..lock import FolderLocked, hold
 from ..model import ConfigError
 from ..model.config import check_choice, check_positive_int
 from .budget import apply_budget
@@ -160,7 +162,14 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
 def train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None = None) -> dict[str, Any] | None:
     """Fit, validate at the end, and write results.json (rank zero). Returns the results on rank zero.
 
+    Rank zero holds the run directory's lock throughout (FolderLocked if another trainer or egmla-eval holds it);
+    the other ranks, started by the launcher, write nothing there and take no lock.
     `callbacks`: extra Lightning callbacks (tests use them to watch batches or to simulate a crash)."""
+    with hold(prepared["run_dir"], "run dir") if is_rank_zero() else nullcontext():
+        return _train(cfg, prepared, callbacks)
+
+
+def _train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None) -> dict[str, Any] | None:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -325,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"egmla-train: error: {exc}", file=sys.stderr)
         return 1
-    except ConfigError as exc:  # found by the trainer: the ranks a launcher started, a checkpoint's data position
+    except (ConfigError, FolderLocked) as exc:  # the ranks a launcher started, a data position, a run dir in use
         print(f"egmla-train: error: {exc}", file=sys.stderr)
         return 2
     if results is not None:
