@@ -18,6 +18,8 @@ from egmla import build_model, compose
 from egmla.train.fsdp import apply_activation_checkpointing, compile_model, is_sharded_checkpoint
 
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "attention=egmla"]
+# One shard per rank, the metadata of both, and every file's sha256.
+SHARDED_FILES = [".metadata", "__0_0.distcp", "__1_0.distcp", "checksums.sha256", "meta.pt"]
 
 
 def egmla_train(args: list[str], torchrun: bool = False) -> None:
@@ -44,7 +46,7 @@ def test_fsdp2_trains_saves_sharded_checkpoints_and_resumes_exactly(corpus, tmp_
     egmla_train(overrides(corpus, stopped, *common, "train.max_steps=4"))
     last = stopped / "checkpoints" / "last.ckpt"
     assert is_sharded_checkpoint(last)
-    assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert sorted(p.name for p in last.iterdir()) == SHARDED_FILES
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["last.ckpt", "step0000004.ckpt"]
     # Every weight, gate tables included, and its optimizer moments are split by rows over the two ranks.
     metadata = FileSystemReader(str(last)).read_metadata().state_dict_metadata
@@ -215,5 +217,5 @@ def test_fsdp2_across_two_nodes_under_torchrun_and_slurm_matches_one_node(corpus
         two_nodes(overrides(corpus, run_dir, *common), launcher)
         assert train_losses(run_dir) == pytest.approx(reference, rel=1e-6), launcher
         last = run_dir / "checkpoints" / "last.ckpt"
-        assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+        assert sorted(p.name for p in last.iterdir()) == SHARDED_FILES
         assert json.loads((run_dir / "results.json").read_text())["train"]["devices"] == 2, launcher

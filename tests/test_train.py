@@ -227,7 +227,7 @@ def test_last_checkpoint_links_to_the_newest_instead_of_a_second_write(corpus, t
                            "train.keep_checkpoints=1"))  # fmt: skip
     last = folder / "last.ckpt"
     assert last.is_symlink() and last.resolve() == (folder / "step0000004.ckpt").resolve()
-    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step0000004.ckpt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step0000004.ckpt", "step0000004.ckpt.sha256"]
     assert torch.load(last, weights_only=False)["global_step"] == 4
     last.unlink()
     last.symlink_to("step0000002.ckpt")  # removed already

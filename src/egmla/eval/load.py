@@ -96,13 +96,16 @@ def read_config(run_dir: Path) -> DictConfig:
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     from ..train.fsdp import is_sharded_checkpoint, load_sharded_weights, sharded_checkpoint_metadata
+    from ..train.integrity import safe_torch_load, verify_checksum, warn_unverified
 
+    verified = verify_checksum(path)
     try:
         if is_sharded_checkpoint(path):  # trainer=fsdp: a folder of shards, gathered here into one state_dict
             ckpt = sharded_checkpoint_metadata(path) | {"state_dict": load_sharded_weights(path)}
         else:
-            # Our own training checkpoints: Lightning stores loop and data-position state as plain objects.
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            ckpt = safe_torch_load(path, mmap=True)  # tensors and plain data only: never code
+    except ConfigError:
+        raise
     except Exception as exc:  # truncated, foreign or not a torch file: torch raises many different errors
         raise ConfigError(
             f"checkpoint {path} is unreadable ({error_summary(exc)}): pass another checkpoint "
@@ -110,6 +113,8 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ConfigError(f"checkpoint {path} is not an egmla training checkpoint (no state_dict): {RUN_DIR_HINT}")
+    if not verified:
+        warn_unverified(path)
     return ckpt
 
 

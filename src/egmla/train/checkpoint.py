@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,20 +14,32 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..model import ConfigError, ModelConfig
 from ..model.config import error_summary
 from .fsdp import is_sharded_checkpoint, sharded_checkpoint_metadata
+from .integrity import HashingWriter, safe_torch_load, sidecar, verify_checksum, warn_unverified, write_checksum
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a torn checkpoint."""
+    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a torn checkpoint. The
+    sha256 of the bytes written goes beside it (X.sha256); loads take tensors and plain data only."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            writer = HashingWriter(f)
+            torch.save(checkpoint, writer)
             f.flush()
             os.fsync(f.fileno())
+        sidecar(path).unlink(missing_ok=True)  # a stop before the new one is written: unverified, not "corrupt"
         os.replace(tmp, path)
+        write_checksum(path, writer.sha.hexdigest())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return safe_torch_load(Path(path))
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        sidecar(Path(path)).unlink(missing_ok=True)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -48,6 +61,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
                 "to continue it, or another run_name for a new run"
             )
         return None
+    if resume == "last_good":
+        return _newest_intact(found, run_dir)
     path = checkpoint_dir(run_dir) / "last.ckpt" if resume == "last" else Path(resume)
     if resume == "last" and path.is_symlink() and not path.exists():  # a stop between a write and its link
         path = next((p for p in reversed(found) if p.name != "last.ckpt"), path)  # the newest checkpoint
@@ -57,17 +72,31 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def _newest_intact(found: list[Path], run_dir: Path) -> Path:
+    """resume=last_good: the newest checkpoint whose checksum holds (one written without a checksum counts)."""
+    for path in reversed([p for p in found if p.name != "last.ckpt"]):
+        try:
+            verify_checksum(path)
+            return path
+        except ConfigError as exc:
+            print(f"egmla: warning: {exc} (skipped by resume=last_good)", file=sys.stderr)
+    raise ConfigError(f"resume=last_good: no intact checkpoint in {checkpoint_dir(run_dir)}: start a new run")
+
+
 def check_checkpoint(path: Path, model_cfg: ModelConfig) -> dict[str, Any]:
     """Load a checkpoint's metadata and refuse one that is unreadable or was trained with another model.
 
     A sharded checkpoint (trainer=fsdp: a folder of shards) is checked through its metadata file."""
     sharded = path.is_dir()
+    verified = verify_checksum(path)
     try:
         if sharded:
             ckpt = sharded_checkpoint_metadata(path)
             ckpt["state_dict"] = {} if is_sharded_checkpoint(path) else None  # the tensors stay in the shards
         else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            ckpt = safe_torch_load(path, mmap=True)
+    except ConfigError:
+        raise
     except Exception as exc:  # a truncated or foreign file: torch raises many different errors
         raise ConfigError(
             f"checkpoint {path} is unreadable ({error_summary(exc)}): "
@@ -75,6 +104,8 @@ def check_checkpoint(path: Path, model_cfg: ModelConfig) -> dict[str, Any]:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("state_dict") is None:
         raise ConfigError(f"checkpoint {path} is not an egmla training checkpoint (no state_dict)")
+    if not verified:
+        warn_unverified(path)
     saved = ckpt.get("egmla_model_config")
     current = asdict(model_cfg)
     if saved is not None and saved != current:

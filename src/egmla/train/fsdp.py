@@ -18,6 +18,7 @@ import torch
 
 from ..model import Transformer
 from ..model.config import check_choice
+from .integrity import check_sharded_metadata, safe_torch_load, write_manifest
 
 AC_MODES = ("none", "selective", "full")
 COMPILE_SCOPES = ("model", "blocks")
@@ -176,6 +177,7 @@ def fsdp2_strategy(**kwargs):
             super().save_checkpoint(checkpoint, tmp, storage_options)
             self.barrier()
             if self.global_rank == 0:
+                write_manifest(tmp)  # every shard's sha256, checked on every load
                 swap_in(tmp, path)
             self.barrier()
 
@@ -206,6 +208,7 @@ def load_sharded_weights(path: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    check_sharded_metadata(path)
     state: dict = {}
     planner = _EmptyStateDictLoadPlanner(keys={"state_dict"})
     _load_state_dict(state, storage_reader=FileSystemReader(str(path)), planner=planner, no_dist=True)
@@ -216,4 +219,5 @@ def sharded_checkpoint_metadata(path: Path) -> dict:
     """Everything of a sharded checkpoint but the tensors (Lightning's meta.pt: step, loops, callbacks, config)."""
     from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-    return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    check_sharded_metadata(path)
+    return safe_torch_load(path / _METADATA_FILENAME)

@@ -242,7 +242,7 @@ def _train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None) ->
         for logger in trainer.loggers:
             logger.log_hyperparams({"kv/bytes_per_token": summary["kv"]["bytes_per_token"],
                                     **{f"params/{k}": v for k, v in summary["params"].items()}})  # fmt: skip
-    trainer.fit(module, datamodule=datamodule, ckpt_path=prepared["resume"])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=prepared["resume"], weights_only=True)
     last = checkpoint_dir(run_dir) / "last.ckpt"
     if checkpoints._last_global_step_saved != trainer.global_step and not trainer.interrupted:
         trainer.save_checkpoint(last)  # the final step, when it is not a multiple of train.ckpt_every
