@@ -405,8 +405,8 @@ def test_output_to_a_file_is_one_line_per_log_interval(corpus, tmp_path):
     done = subprocess.run([sys.executable, "-m", "egmla.train", *args], env=offline_env(), capture_output=True,
                           text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "\r" not in done.stderr
-    steps = [line for line in done.stderr.splitlines() if line.startswith("step ")]
+    assert "\r" not in done.stdout + done.stderr
+    steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in steps] == ["2/6", "4/6", "6/6"]
     assert all("train/loss=" in line for line in steps)
-    assert sum(line.startswith("validation at step") and "val/loss=" in line for line in done.stderr.splitlines()) >= 2
+    assert sum(line.startswith("validation at step") and "val/loss=" in line for line in done.stdout.splitlines()) >= 2

@@ -44,7 +44,7 @@ class StepLines(ProgressBar):
 
     def _print(self, trainer, text: str) -> None:
         if self._enabled and trainer.is_global_zero:
-            print(text, file=self.stream or sys.stderr, flush=True)
+            print(text, file=self.stream or sys.stdout, flush=True)
 
     def _metrics(self, trainer, pl_module) -> str:
         metrics = self.get_metrics(trainer, pl_module)
@@ -67,6 +67,6 @@ class StepLines(ProgressBar):
 
 
 def progress_callback(every: int, stream=None) -> ProgressBar:
-    """A bar on a terminal, lines elsewhere (stream: where the lines go; stderr by default)."""
-    target = stream or sys.stderr
+    """A bar on a terminal, lines elsewhere, on stdout as Lightning's bar (stderr keeps errors: one line each)."""
+    target = stream or sys.stdout
     return StepProgressBar(every) if target.isatty() else StepLines(every, stream)
