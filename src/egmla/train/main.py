@@ -1,4 +1,5 @@
-"""`egmla-train OVERRIDES...` (also `python -m egmla.train`): train one model selection, write results.json.
+"""`egmla-train OVERRIDES...` (a Hydra app: -m, --cfg, --help; `python -m egmla.train`: overrides only): train one
+model selection, write results.json.
 
 Everything that can be wrong with a selection (config values, data paths, the tokenizer, the checkpoint to
 resume) is checked before the run directory is touched; errors are one line on stderr, exit status 2.
@@ -17,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .. import accounting
-from ..config import compose, model_config
+from ..config import compose, config_dir, model_config
 from ..lock import FolderLocked, hold
 from ..model import ConfigError
 from ..model.config import check_choice, check_positive_int
@@ -309,6 +310,7 @@ def earlier_evals(path: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m egmla.train OVERRIDES...`: one run, overrides only (what egmla-sweep, srun and the tests call)."""
     parser = argparse.ArgumentParser(
         prog="egmla-train",
         description="Train one model selection. Arguments are Hydra overrides of conf/train.yaml.",
@@ -317,9 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=120m attention=mla trainer=gpu")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
+    return run(args.overrides, print_config=args.print_config)
+
+
+def run(overrides: list[str], print_config: bool = False) -> int:
+    """Compose, check, train one selection; the exit status: 0 done, 1 non-finite loss, 2 a bad setting."""
     try:
-        cfg = compose(args.overrides)
-        if args.print_config:
+        cfg = compose(overrides)
+        if print_config:
             description = apply_budget(cfg, launch=False).describe()  # fills in the derived steps and accumulation
             print("\n".join([*description, OmegaConf.to_yaml(cfg, resolve=True)]))
             return 0
@@ -345,6 +352,74 @@ def main(argv: list[str] | None = None) -> int:
             f"KV {results['kv']['bytes_per_token']:,} B/token -> {prepared['run_dir'] / 'results.json'}"
         )
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ Hydra app
+# `egmla-train` is a Hydra application: -m sweeps, --cfg, --info, --help with the config groups, hydra/launcher=...
+# Each job's overrides go through run() (compose, prepare, train), so its config and run name are compose()'s.
+
+_statuses: list[int] = []  # the exit status of each job this process ran
+
+
+def cli() -> None:
+    """The `egmla-train` console script. Exit status: the worst job's (0, 1 non-finite loss, 2 a bad setting)."""
+    import hydra
+
+    args = sys.argv[1:]
+    if "--print-config" in args:  # the config as the run uses it: run-name tags, budget-derived steps
+        sys.exit(main(args))
+    try:
+        conf = config_dir()
+        for overrides in _jobs(args):  # every job composes before the first one starts
+            compose(overrides)
+    except ConfigError as exc:
+        message = str(exc).replace("add --multirun to your command line", "add -m (--multirun) to egmla-train")
+        print(f"egmla-train: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    hydra.main(config_path=str(conf), config_name="train", version_base="1.3")(_hydra_job)()
+    sys.exit(max(_statuses, default=0))
+
+
+def _jobs(args: list[str]) -> list[list[str]]:
+    """The overrides of each job the command line asks for (none for --help, --hydra-help, shell completion)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parsed, _ = get_args_parser().parse_known_args(args)
+    if parsed.help or parsed.hydra_help or parsed.shell_completion:
+        return []
+    if sum(map(bool, (parsed.run, parsed.multirun, parsed.cfg, parsed.info))) > 1:
+        raise ConfigError("give only one of -m (--multirun), --run, --cfg and --info")
+    try:
+        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+    except HydraException as exc:
+        raise ConfigError(f"cannot parse overrides {parsed.overrides}: {str(exc).splitlines()[0]}") from None
+    hydra_overrides = [o.input_line for o in overrides if o.is_hydra_override()]
+    task = [o for o in overrides if not o.is_hydra_override()]
+    if not parsed.multirun:
+        return [[*hydra_overrides, *(o.input_line for o in task)]]
+    return [[*hydra_overrides, *job] for job in BasicSweeper.split_arguments(task, None)[0]]
+
+
+def _hydra_job(_: DictConfig) -> int:
+    """One job: in this process for a single run; under -m in a process of its own (`python -m egmla.train`), so
+    that each DDP job starts its ranks afresh and a crash or a stuck GPU does not reach the next job."""
+    import subprocess
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        print(f"egmla-train: job {hydra_cfg.job.num}: {' '.join(overrides)}", flush=True)
+        status = subprocess.run([sys.executable, "-m", "egmla.train", *overrides]).returncode
+    else:
+        status = run(overrides)
+    _statuses.append(status)  # in a multirun a failed job is reported (its own error line) and the next one runs
+    return status
 
 
 if __name__ == "__main__":
