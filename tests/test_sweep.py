@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,22 @@ def test_crashed_trial_is_rerun_with_resume_and_finished_ones_are_not(tmp_path, 
 
     assert main([spec, "--out", str(out), "--train-cmd", fake.train_cmd]) == 0  # nothing left to do
     assert len(fake.calls()) == 8
+
+
+def test_a_moved_sweep_folder_continues_where_it_lands(tmp_path, fake, monkeypatch):
+    """A sweep folder copied elsewhere (results brought back from a GPU machine) reads its finished trials and
+    trains the rest there, not in the run dirs its state recorded at the old place."""
+    old, new, spec = tmp_path / "old", tmp_path / "new", str(write_spec(tmp_path, GRID))
+    monkeypatch.setenv("FAKE_CRASH_ON", "x=3")
+    assert main([spec, "--out", str(old), "--train-cmd", fake.train_cmd]) == 1
+    shutil.copytree(old, new)
+    shutil.rmtree(old)
+    monkeypatch.delenv("FAKE_CRASH_ON")
+    assert main([spec, "--out", str(new), "--train-cmd", fake.train_cmd]) == 0
+    reruns = fake.calls()[6:]
+    assert len(reruns) == 2 and all(c[-2].startswith(f"run_dir={new}/") for c in reruns)
+    assert not old.exists()
+    assert all(t["status"] == "finished" and Path(t["run_dir"]).parent == new for t in state(new)["trials"])
 
 
 class Killed(BaseException):

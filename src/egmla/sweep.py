@@ -255,6 +255,8 @@ def load_state(out: Path, spec: Spec, extra: list[str]) -> list[Trial]:
     try:
         state = json.loads(path.read_text())
         trials = [Trial(**t) for t in state["trials"]]
+        for trial in trials:  # the folder may have been moved since: its trials live in it
+            trial.run_dir = str(out / trial.id) if trial.run_dir else ""
     except (ValueError, KeyError, TypeError) as exc:
         raise SweepError(f"{path} is unreadable ({exc}): move it away to start the sweep afresh") from None
     if state.get("method") != spec.method or state.get("parameters") != spec.parameters:
@@ -300,7 +302,9 @@ class Runner:
     verbose: bool = False
 
     def run_dir(self, trial: Trial) -> Path:
-        return Path(trial.run_dir) if trial.run_dir else self.out / trial.id
+        """<out>/<trial id>, wherever the folder was when the trial ran: a sweep folder copied or moved elsewhere
+        (from a GPU machine, into experiments/) continues where it lands. trial.run_dir only records it."""
+        return self.out / trial.id
 
     def train_command(self, trial: Trial) -> list[str]:
         run_dir = self.run_dir(trial)
