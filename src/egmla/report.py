@@ -26,7 +26,8 @@ section: their val losses, mean and max - min.
 Written to DIR: table.md (header: machines, GPUs, dates, git commits, the exact command), results.csv,
 table.tex (booktabs), acc_vs_kv.png (average accuracy vs KV bytes/token, Pareto front marked; skipped with a
 note when no run has accuracies), loss_vs_kv.png, and loss_curves.png / loss_vs_time.png (training and validation
-loss vs tokens and vs training time; runs without csv/version_N/metrics.csv logs are skipped with a note).
+loss vs tokens and vs training time; runs without csv/version_N/metrics.csv logs are skipped with a note); when the
+runs span two model sizes or more, loss_vs_params.png / loss_vs_flops.png and a Scaling section (egmla.report_scaling).
 Missing values stay visibly missing: "—" in Markdown, "---" (an em dash) in LaTeX, an empty cell in the CSV; never 0.
 """
 
@@ -46,7 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import report_curves
+from . import report_curves, report_scaling
 from .eval.run import AVERAGES, average_accuracy, task_accuracy_metric
 
 RESULTS = "results.json"
@@ -773,7 +774,12 @@ def build(runs: Sequence[Run], out: Path, title: str, argv: Sequence[str] = ()) 
     """Write every output for the (sorted) runs into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     front = pareto_front([(r.row["kv_bytes_per_token"], r.row["avg"]) for r in runs], maximize=True)
-    plots = write_plots(out, title, runs, front) + report_curves.add_curves(out, title, runs) + seed_spread(runs)
+    plots = (
+        write_plots(out, title, runs, front)
+        + report_curves.add_curves(out, title, runs)
+        + report_scaling.add_scaling(out, title, runs)
+        + seed_spread(runs)
+    )
     write_markdown(out / "table.md", title, runs, front, argv, plots)
     write_csv(out / "results.csv", runs, front)
     write_latex(out / "table.tex", title, runs, front)
