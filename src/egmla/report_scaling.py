@@ -115,8 +115,9 @@ def plot_scaling(path: Path, points: Sequence[Point], x: str, xlabel: str, title
         ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=variant)
         for p in mine:
             kv = "KV ?" if p.kv_bytes is None else f"{p.kv_bytes:,} B/token"
-            ax.annotate(f"{p.size}, {kv}", (getattr(p, x), p.val_loss), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7)  # fmt: skip
+            ax.annotate(
+                f"{p.size}, {kv}", (getattr(p, x), p.val_loss), textcoords="offset points", xytext=(5, 4), fontsize=7
+            )
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/token)")
@@ -133,9 +134,19 @@ def add_scaling(out: Path, title: str, runs: Sequence[Run]) -> list[str]:
     points = scaling_points(runs)
     if not points:
         return []
-    plot_scaling(out / PARAMS_PNG, points, "params", "non-embedding parameters (log scale)",
-                 f"{title}: validation loss vs parameters")  # fmt: skip
+    plot_scaling(
+        out / PARAMS_PNG,
+        points,
+        "params",
+        "non-embedding parameters (log scale)",
+        f"{title}: validation loss vs parameters",
+    )
     if all(p.flops and math.isfinite(p.flops) for p in points):
-        plot_scaling(out / FLOPS_PNG, points, "flops", "training FLOPs (flops_per_token x tokens; log scale)",
-                     f"{title}: validation loss vs training compute")  # fmt: skip
+        plot_scaling(
+            out / FLOPS_PNG,
+            points,
+            "flops",
+            "training FLOPs (flops_per_token x tokens; log scale)",
+            f"{title}: validation loss vs training compute",
+        )
     return margin_lines(points)
