@@ -44,9 +44,20 @@ def write(path, rows: list[dict]) -> None:
 def packed(path, *overrides: str) -> list[int]:
     """The training stream conf/data/climbmix.yaml makes of a local file: its fields, holdout and tokenizer."""
     builder = "parquet" if path.suffix == ".parquet" else "json"
-    cfg = compose(["data=climbmix", "data.path=null", f"data.builder={builder}", f"data.data_files={path}",
-                   "data.seq_len=15", "data.batch_size=2", "data.shuffle_window=0", "data.num_workers=0",
-                   "data.holdout_every=4", *overrides])  # fmt: skip
+    cfg = compose(
+        [
+            "data=climbmix",
+            "data.path=null",
+            f"data.builder={builder}",
+            f"data.data_files={path}",
+            "data.seq_len=15",
+            "data.batch_size=2",
+            "data.shuffle_window=0",
+            "data.num_workers=0",
+            "data.holdout_every=4",
+            *overrides,
+        ]
+    )
     data = StreamDataModule(OmegaConf.to_container(cfg.data, resolve=True), seed=0)
     batches = islice(data._dataset("train", rank=0, world=1), 4)  # the stream loops: 4 x 2 x 16 tokens suffice
     return torch.cat([b["input_ids"] for b in batches]).reshape(-1).tolist()
@@ -71,8 +82,14 @@ def test_token_ids_are_packed_as_stored_with_one_eos_between_documents(tmp_path,
 def test_the_raw_text_version_is_tokenized_with_gpt2(tmp_path):
     rng = random.Random(1)
     words = ["climb", " mix", " data", ",", " the", " token", "s", " 400B", "\n"]
-    rows = [{"text": "".join(rng.choice(words) for _ in range(rng.randint(2, 12))), "cluster_id": rng.randint(1, 20),
-             "token_count": float(rng.randint(2, 12))} for _ in range(DOCS)]  # fmt: skip
+    rows = [
+        {
+            "text": "".join(rng.choice(words) for _ in range(rng.randint(2, 12))),
+            "cluster_id": rng.randint(1, 20),
+            "token_count": float(rng.randint(2, 12)),
+        }
+        for _ in range(DOCS)
+    ]
     write(tmp_path / "part_0.jsonl", rows)
     stream = packed(tmp_path / "part_0.jsonl", "data.token_field=null")  # as the yaml says for OptimalScale/ClimbMix
     gpt2 = build_tokenizer("gpt2")

@@ -191,13 +191,30 @@ def two_nodes(args: list[str], launcher: str) -> None:
     for node in (0, 1):
         env = offline_env(OMP_NUM_THREADS="1")  # as torchrun sets it, so that every run sums in the same order
         if launcher == "torchrun":  # the README's multi-node command: c10d rendezvous, one agent per node
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=egmla-test"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=egmla-test",
+            ]
         else:  # what `srun --nodes 2 --ntasks-per-node 1` puts in each task's environment
             cmd = [sys.executable]
-            env |= dict(SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_PROCID=str(node),
-                        SLURM_LOCALID="0", SLURM_NODEID=str(node), SLURM_NODELIST="127.0.0.1", SLURM_JOB_ID="4242",
-                        SLURM_JOB_NAME="egmla", MASTER_PORT=str(port))  # fmt: skip
+            env |= dict(
+                SLURM_NTASKS="2",
+                SLURM_NTASKS_PER_NODE="1",
+                SLURM_NNODES="2",
+                SLURM_PROCID=str(node),
+                SLURM_LOCALID="0",
+                SLURM_NODEID=str(node),
+                SLURM_NODELIST="127.0.0.1",
+                SLURM_JOB_ID="4242",
+                SLURM_JOB_NAME="egmla",
+                MASTER_PORT=str(port),
+            )
         cmd += ["-m", "egmla.train", *args, "trainer.num_nodes=2", "trainer.devices=1"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for proc in procs:

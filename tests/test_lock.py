@@ -27,8 +27,9 @@ with hold(sys.argv[1]):
 def test_a_lock_whose_holder_was_killed_does_not_block(tmp_path):
     folder = tmp_path / "run"
     env = offline_env(PYTHONPATH=os.pathsep.join(filter(None, [*sys.path, os.environ.get("PYTHONPATH")])))
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER), str(folder)], env=env,
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLDER), str(folder)], env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(FolderLocked, match=f"folder {folder} is in use by PID {holder.pid} on "), hold(folder):

@@ -233,8 +233,9 @@ def sleeping_sweep(tmp_path, fake, monkeypatch):
     env = offline_env(FAKE_SLEEP=str(pid_file))
     src = str(ROOT / "src")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    runner = subprocess.Popen([sys.executable, "-m", "egmla.sweep", *argv], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "egmla.sweep", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert wait_until(lambda: pid_file.is_file() and pid_file.read_text().isdigit(), 60), runner.stderr
         yield runner, int(pid_file.read_text()), argv
@@ -489,9 +490,18 @@ def test_table1_small_lists_the_study_rows_with_one_recipe():
         for t in run_sweep(Runner(spec, Path("unused"), ["x"], dry_run=True), 10)
     }
     kv = {row: accounting.kv_elements_per_token(cfg) for row, cfg in configs.items()}
-    assert kv == {"mla_base": 3840, "egmla_kv64": 1536, "egmla_kv64_add": 1536, "mla_kv64": 1536,
-                  "egmla_kv64_latent": 1536, "egmla_kv16": 960, "egmla_kv256": 3840, "mha": 18432,
-                  "mla_base_seed2": 3840, "egmla_kv64_seed2": 1536}  # fmt: skip
+    assert kv == {
+        "mla_base": 3840,
+        "egmla_kv64": 1536,
+        "egmla_kv64_add": 1536,
+        "mla_kv64": 1536,
+        "egmla_kv64_latent": 1536,
+        "egmla_kv16": 960,
+        "egmla_kv256": 3840,
+        "mha": 18432,
+        "mla_base_seed2": 3840,
+        "egmla_kv64_seed2": 1536,
+    }
     a = {row: cfg.attention for row, cfg in configs.items()}
     assert a["egmla_kv64_latent"].gate_on == "latent" and a["egmla_kv64"].gate_on == "content"
     assert a["egmla_kv64_add"].gate_combine == "add" and a["egmla_kv64"].gate_combine == "multiply"
@@ -545,8 +555,17 @@ def test_time_budget_stops_between_trials_and_the_same_command_continues(tmp_pat
 
 def test_a_missing_eval_program_fails_the_trial_in_one_line(tmp_path, fake, capsys):
     out = tmp_path / "out"
-    argv = [str(write_spec(tmp_path, GRID)), "--out", str(out), "--train-cmd", fake.train_cmd,
-            "--eval", "egmla-no-such-program checkpoint={run_dir}", "--max-trials", "1"]  # fmt: skip
+    argv = [
+        str(write_spec(tmp_path, GRID)),
+        "--out",
+        str(out),
+        "--train-cmd",
+        fake.train_cmd,
+        "--eval",
+        "egmla-no-such-program checkpoint={run_dir}",
+        "--max-trials",
+        "1",
+    ]
     assert main(argv) == 1
     trial = state(out)["trials"][0]
     assert trial["status"] == "eval_failed" and "cannot run 'egmla-no-such-program'" in trial["error"]

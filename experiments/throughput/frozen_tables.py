@@ -45,8 +45,9 @@ def main() -> None:
     for variant, frozen in (("mla", False), ("egmla", False), ("egmla", True)):
         build = frozen_gate_tables(bench.build_model) if frozen else bench.build_model
         with mock.patch.object(bench, "build_model", build):
-            row = bench.bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup,
-                                      compile_scope, overrides, device)  # fmt: skip
+            row = bench.bench_variant(
+                args.size, variant, args.seq, args.batch, args.steps, args.warmup, compile_scope, overrides, device
+            )
         row["variant"] += "-frozen-tables" if frozen else ""
         rows.append(row)
     print(bench.format_table(rows))

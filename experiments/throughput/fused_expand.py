@@ -22,8 +22,19 @@ from egmla.bench.timing import cuda_milliseconds
 from egmla.config import build_model, compose
 from egmla.kernels import gated_expand as ge
 
-NAMES = ["k", "v", "d_latent", "d_emb", "d_k_rope", "d_W_ukv", "d_W_ue", "d_k_weight", "d_k_bias", "d_v_weight",
-         "d_v_bias"]  # fmt: skip
+NAMES = [
+    "k",
+    "v",
+    "d_latent",
+    "d_emb",
+    "d_k_rope",
+    "d_W_ukv",
+    "d_W_ue",
+    "d_k_weight",
+    "d_k_bias",
+    "d_v_weight",
+    "d_v_bias",
+]
 
 
 class Layer:
@@ -49,8 +60,10 @@ class Layer:
             randn(tokens, attn.gate.up.in_features),
             randn(tokens, attn.d_rope),
         )
-        self.grads = (torch.randn(1, tokens, attn.n_heads, attn.d_nope + attn.d_rope, device=device, dtype=dtype),
-                      torch.randn(1, tokens, attn.n_heads, attn.d_v, device=device, dtype=dtype))  # fmt: skip
+        self.grads = (
+            torch.randn(1, tokens, attn.n_heads, attn.d_nope + attn.d_rope, device=device, dtype=dtype),
+            torch.randn(1, tokens, attn.n_heads, attn.d_v, device=device, dtype=dtype),
+        )
 
     def leaves(self) -> list[torch.Tensor]:
         """What each path's gradients are compared on, in NAMES order after k and v (W_ue: the whole gate
@@ -91,8 +104,12 @@ def compare(layer: Layer, interpret: bool) -> None:
     if interpret:
         return
     print("forward + backward of one layer, ms:")
-    paths = {"plain, eager": layer.plain, "plain, compiled": torch.compile(layer.plain), "fused, eager": layer.fused,
-             "fused, compiled": torch.compile(layer.fused)}  # fmt: skip
+    paths = {
+        "plain, eager": layer.plain,
+        "plain, compiled": torch.compile(layer.plain),
+        "fused, eager": layer.fused,
+        "fused, compiled": torch.compile(layer.fused),
+    }
     for label, path in paths.items():
         print(f"  {label:16s} {cuda_milliseconds(functools.partial(layer.step, path), 20, warmup=3):7.3f}", flush=True)
 
@@ -112,8 +129,9 @@ def launches(layer: Layer, interpret: bool) -> None:
         return torch.cat([k.flatten(), v.flatten()])
 
     def backward(block, warps, stages):
-        d_kv, d_g, d_norm = ge.launch_backward(dk, dv, latent, emb, *weights, *options, block, num_warps=warps,
-                                               num_stages=stages)  # fmt: skip
+        d_kv, d_g, d_norm = ge.launch_backward(
+            dk, dv, latent, emb, *weights, *options, block, num_warps=warps, num_stages=stages
+        )
         return torch.cat([d_kv.flatten(), d_g.flatten(), d_norm.sum(0)])
 
     for name, kernel in (("forward", forward), ("backward", backward)):
@@ -125,8 +143,10 @@ def launches(layer: Layer, interpret: bool) -> None:
             out = run()
             us = float("nan") if interpret else 1000 * cuda_milliseconds(run, 20, warmup=3)
             error = ((out.float() - reference).norm() / reference.norm()).item()
-            print(f"  {name:8s} {block:3d} tokens, {warps} warps, {stages} stages: {us:8.1f} us  err {error:.1e}",
-                  flush=True)  # fmt: skip
+            print(
+                f"  {name:8s} {block:3d} tokens, {warps} warps, {stages} stages: {us:8.1f} us  err {error:.1e}",
+                flush=True,
+            )
 
 
 def main() -> None:

@@ -474,8 +474,11 @@ class TimeBudget:
         if left >= self.longest and left > 0:
             return True
         if not self.stopped:
-            print(f"egmla-sweep: {left:.0f} s left of --time-budget, a trial took up to {self.longest:.0f} s: "
-                  "stopping here; rerun the same command to continue", flush=True)  # fmt: skip
+            print(
+                f"egmla-sweep: {left:.0f} s left of --time-budget, a trial took up to {self.longest:.0f} s: "
+                "stopping here; rerun the same command to continue",
+                flush=True,
+            )
         self.stopped = True
         return False
 
@@ -506,8 +509,9 @@ def run_sweep(runner: Runner, limit: int, seed: int | None = None, budget: TimeB
     return trials
 
 
-def _process(runner: Runner, trial: Trial, trials: list[Trial], counter: str, resumed: bool,
-             budget: TimeBudget | None = None) -> None:  # fmt: skip
+def _process(
+    runner: Runner, trial: Trial, trials: list[Trial], counter: str, resumed: bool, budget: TimeBudget | None = None
+) -> None:
     spec = runner.spec
     head = f"{counter} {trial.id} {' '.join(overrides_of(spec.varying(trial.params)))}:"
     if runner.is_complete(trial):

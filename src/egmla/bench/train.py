@@ -37,10 +37,22 @@ LOSSES = ("fused", "plain")
 CSV_COLUMNS = ["variant", "size", "seq", "batch", "gpus", "card", "tok_per_s", "mfu", "peak_mem_gib", "date", "commit"]
 
 
-def bench_variant(size: str, variant: str, seq: int, batch: int, steps: int, warmup: int, compile: str | None,
-                  overrides: list[str], device: torch.device, profile: bool = False,
-                  activation_checkpointing: str = "none", reshard_after_forward: bool = True,
-                  prefetch: int = 0, loss: str = "fused") -> dict:  # fmt: skip
+def bench_variant(
+    size: str,
+    variant: str,
+    seq: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    compile: str | None,
+    overrides: list[str],
+    device: torch.device,
+    profile: bool = False,
+    activation_checkpointing: str = "none",
+    reshard_after_forward: bool = True,
+    prefetch: int = 0,
+    loss: str = "fused",
+) -> dict:
     name, *extra = variant.split(":")  # NAME[:KEY=VALUE...]: Hydra overrides for this entry alone
     cfg = compose([f"model={size}", f"attention={name}", *overrides, *extra])
     if compile:  # each variant compiles as in a process of its own, none behind earlier graphs' guards
@@ -140,31 +152,46 @@ def format_table(rows: list[dict]) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
         per_gpu = r["tok_per_s"] / max(1, r["gpus"])
-        lines.append(f"{r['variant']:<{w}} {r['tok_per_s']:>10,.0f} {per_gpu:>10,.0f} {r['tok_per_s'] / base:>9.3f}x "
-                     f"{mfu:>7} {mem:>9}")  # fmt: skip
+        lines.append(
+            f"{r['variant']:<{w}} {r['tok_per_s']:>10,.0f} {per_gpu:>10,.0f} {r['tok_per_s'] / base:>9.3f}x "
+            f"{mfu:>7} {mem:>9}"
+        )
     return "\n".join(lines)
 
 
 def add_parser(sub) -> None:
-    train = sub.add_parser("train", help="training-step throughput per attention variant",
-                           description=__doc__.split("\n\n")[0])  # fmt: skip
+    train = sub.add_parser(
+        "train", help="training-step throughput per attention variant", description=__doc__.split("\n\n")[0]
+    )
     train.add_argument("--size", default="120m", help="model size (conf/model/*.yaml)")
-    train.add_argument("--variants", nargs="+", default=["mha", "gqa", "mqa", "mla", "egmla"],
-                       help="attention configs (conf/attention); NAME:KEY=VALUE[:KEY=VALUE] adds Hydra overrides "
-                            "for that entry alone, e.g. egmla:attention.fused_expand=true")  # fmt: skip
+    train.add_argument(
+        "--variants",
+        nargs="+",
+        default=["mha", "gqa", "mqa", "mla", "egmla"],
+        help="attention configs (conf/attention); NAME:KEY=VALUE[:KEY=VALUE] adds Hydra overrides "
+        "for that entry alone, e.g. egmla:attention.fused_expand=true",
+    )
     train.add_argument("--seq", type=int, default=2048)
     train.add_argument("--batch", type=int, default=16, help="sequences per GPU per step")
     train.add_argument("--gpus", type=int, default=1, help="GPUs to shard over with FSDP2 (launched by torchrun)")
     train.add_argument("--steps", type=int, default=20, help="timed steps")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     train.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    train.add_argument("--compile-scope", default="model", choices=fsdp.COMPILE_SCOPES,
-                       help="one GPU: one graph, or one per block (always per block with --gpus)")  # fmt: skip
+    train.add_argument(
+        "--compile-scope",
+        default="model",
+        choices=fsdp.COMPILE_SCOPES,
+        help="one GPU: one graph, or one per block (always per block with --gpus)",
+    )
     train.add_argument("--ac", default="none", choices=fsdp.AC_MODES, help="activation checkpointing")
     train.add_argument("--no-reshard", action="store_true", help="FSDP2: keep parameters gathered for the backward")
     train.add_argument("--prefetch", type=int, default=0, help="FSDP2: blocks gathered ahead explicitly (0: implicit)")
-    train.add_argument("--loss", default="fused", choices=LOSSES,
-                       help="fused: head and cross-entropy chunk by chunk; plain: full logits first")  # fmt: skip
+    train.add_argument(
+        "--loss",
+        default="fused",
+        choices=LOSSES,
+        help="fused: head and cross-entropy chunk by chunk; plain: full logits first",
+    )
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
     train.add_argument("--csv", type=Path, default=None, help="append rows to this CSV file")
     train.add_argument("--profile", action="store_true", help="print the top operators of each variant")
@@ -174,16 +201,29 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.gpus > 1 and "LOCAL_RANK" not in os.environ:  # relaunch: one process per GPU (per CPU process without)
         if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
-            print(f"egmla-bench: error: --gpus {args.gpus} but {torch.cuda.device_count()} GPUs are visible",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"egmla-bench: error: --gpus {args.gpus} but {torch.cuda.device_count()} GPUs are visible",
+                file=sys.stderr,
+            )
             return 2
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-                   "-m", "egmla.bench", *args.argv]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.gpus}",
+            "-m",
+            "egmla.bench",
+            *args.argv,
+        ]
         return subprocess.run(command).returncode
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and args.size != "tiny":  # a 120M+ model's steps would fill the memory of most hosts
-        print(f"egmla-bench: error: --size {args.size} needs a CUDA GPU and none is visible: run it on a GPU machine, "
-              "or check the benchmark itself on the CPU with --size tiny", file=sys.stderr)  # fmt: skip
+        print(
+            f"egmla-bench: error: --size {args.size} needs a CUDA GPU and none is visible: run it on a GPU machine, "
+            "or check the benchmark itself on the CPU with --size tiny",
+            file=sys.stderr,
+        )
         return 2
     if "LOCAL_RANK" in os.environ and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -201,11 +241,28 @@ def run(args) -> int:
         for i, variant in enumerate(args.variants, 1):
             if rank_zero:  # the warm-up holds the compilation: about a minute a variant on a GPU
                 compiling = " (compiling)" if compile_scope else ""
-                print(f"[{i}/{len(args.variants)}] {variant}: {args.warmup} warm-up steps{compiling}, then "
-                      f"{args.steps} timed", file=sys.stderr, flush=True)  # fmt: skip
-            row = bench_variant(args.size, variant, args.seq, args.batch, args.steps, args.warmup, compile_scope,
-                                overrides, device, args.profile, args.ac, not args.no_reshard,
-                                args.prefetch, args.loss)  # fmt: skip
+                print(
+                    f"[{i}/{len(args.variants)}] {variant}: {args.warmup} warm-up steps{compiling}, then "
+                    f"{args.steps} timed",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            row = bench_variant(
+                args.size,
+                variant,
+                args.seq,
+                args.batch,
+                args.steps,
+                args.warmup,
+                compile_scope,
+                overrides,
+                device,
+                args.profile,
+                args.ac,
+                not args.no_reshard,
+                args.prefetch,
+                args.loss,
+            )
             rows.append(row | stamp)
             if rank_zero:
                 print(format_table(rows).splitlines()[-1], flush=True)
@@ -222,7 +279,9 @@ def run(args) -> int:
     if not rank_zero:
         return 0
     gpus = f"{rows[0]['gpus']} x " if rows[0]["gpus"] > 1 else ""
-    print(f"\n{args.size}, seq {args.seq}, batch {args.batch}/GPU, {gpus}{rows[0]['card']}, {args.steps} timed steps, "
-          f"{args.loss} loss\n")  # fmt: skip
+    print(
+        f"\n{args.size}, seq {args.seq}, batch {args.batch}/GPU, {gpus}{rows[0]['card']}, {args.steps} timed steps, "
+        f"{args.loss} loss\n"
+    )
     print(format_table(rows))
     return 0

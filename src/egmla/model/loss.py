@@ -20,9 +20,15 @@ def padded_vocab(vocab_size: int, rows: int) -> int:
     return vocab_size + pad
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                         chunk_tokens: int = 8192, ignore_index: int = -100,
-                         compile: bool = False) -> torch.Tensor:  # fmt: skip
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str = "mean",
+    chunk_tokens: int = 8192,
+    ignore_index: int = -100,
+    compile: bool = False,
+) -> torch.Tensor:
     """Cross-entropy of the logits h @ weight.T against targets, an fp32 scalar (fp64 for fp64 inputs);
     h [..., d], weight [vocab, d], targets [...]. The same value and gradients as
     F.cross_entropy((h @ weight.T).float().flatten(0, -2), targets.flatten(), reduction=reduction).
@@ -49,16 +55,18 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         with torch.autocast(device_type, enabled=False):
             loss, *_ = _forward(h, weight, targets, chunk_tokens, ignore_index, dtype, compile, False, False)
         return loss * _scale(targets, ignore_index, reduction, loss.dtype)
-    return _LinearCrossEntropy.apply(h, weight, targets, reduction, chunk_tokens, ignore_index, dtype, compile,
-                                     need_h, need_w)  # fmt: skip
+    return _LinearCrossEntropy.apply(
+        h, weight, targets, reduction, chunk_tokens, ignore_index, dtype, compile, need_h, need_w
+    )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, reduction, chunk_tokens, ignore_index, dtype, compile, need_h, need_w):
         with torch.autocast(h.device.type, enabled=False):
-            loss, grad_h, grad_w = _forward(h, weight, targets, chunk_tokens, ignore_index, dtype, compile,
-                                            need_h, need_w)  # fmt: skip
+            loss, grad_h, grad_w = _forward(
+                h, weight, targets, chunk_tokens, ignore_index, dtype, compile, need_h, need_w
+            )
             scale = _scale(targets, ignore_index, reduction, loss.dtype)
         ctx.save_for_backward(grad_h, grad_w, scale)
         ctx.h_shape, ctx.w_shape, ctx.w_dtype = h.shape, weight.shape, weight.dtype

@@ -44,17 +44,24 @@ class Budget:
         if not g:
             return ["# global batch: not known here (trainer.devices counts GPUs and none is visible)"]
         if self.world_size < 1:
-            batch = (f"# global batch: {g:,} tokens per step; accumulation = {g:,} / (data.batch_size {b} x "
-                     f"data.seq_len {s} x the GPUs found at launch)")  # fmt: skip
+            batch = (
+                f"# global batch: {g:,} tokens per step; accumulation = {g:,} / (data.batch_size {b} x "
+                f"data.seq_len {s} x the GPUs found at launch)"
+            )
         else:
-            batch = (f"# global batch: data.batch_size {b} x data.seq_len {s} x world size {self.world_size} x "
-                     f"accumulation {self.accumulation} = {g:,} tokens per step")  # fmt: skip
+            batch = (
+                f"# global batch: data.batch_size {b} x data.seq_len {s} x world size {self.world_size} x "
+                f"accumulation {self.accumulation} = {g:,} tokens per step"
+            )
         if self.max_tokens is None:
             return [batch, f"# budget: train.max_steps {self.max_steps:,} -> {self.tokens:,} tokens"]
         short = self.max_tokens - self.tokens
         rounded = f" (rounded down to whole steps: {short:,} short)" if short else ""
-        return [batch, f"# budget: train.max_tokens {self.max_tokens:,} / {g:,} -> {self.max_steps:,} steps = "
-                       f"{self.tokens:,} tokens{rounded}"]  # fmt: skip
+        return [
+            batch,
+            f"# budget: train.max_tokens {self.max_tokens:,} / {g:,} -> {self.max_steps:,} steps = "
+            f"{self.tokens:,} tokens{rounded}",
+        ]
 
 
 def cuda_device_count() -> int:
@@ -127,8 +134,9 @@ def derive(
                 "(it is derived) or set train.global_batch_tokens=null"
             )
     global_batch = per_step * accumulation
-    return Budget(batch_size, seq_len, world, accumulation, _steps(max_tokens, global_batch, max_steps),
-                  global_batch, max_tokens)  # fmt: skip
+    return Budget(
+        batch_size, seq_len, world, accumulation, _steps(max_tokens, global_batch, max_steps), global_batch, max_tokens
+    )
 
 
 def _steps(max_tokens: int | None, global_batch: int, max_steps: int) -> int:

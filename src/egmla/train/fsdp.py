@@ -73,9 +73,15 @@ def compile_model(model: Transformer, scope: str) -> None:
         block.forward = torch.compile(block.forward)
 
 
-def prepare_model(model: Transformer, activation_checkpointing: str = "none", compile: str | None = None,
-                  mesh=None, precision: str = "32-true", reshard_after_forward: bool = True,
-                  prefetch: int = 0) -> None:  # fmt: skip
+def prepare_model(
+    model: Transformer,
+    activation_checkpointing: str = "none",
+    compile: str | None = None,
+    mesh=None,
+    precision: str = "32-true",
+    reshard_after_forward: bool = True,
+    prefetch: int = 0,
+) -> None:
     """Everything applied around the plain model, in torchtitan's order: activation checkpointing, compilation
     (`compile`: None, "model" or "blocks"; always per block when sharded), then FSDP2 when a mesh is given.
     The trainer (LanguageModel.configure_model) and egmla-bench train share it."""
@@ -96,8 +102,9 @@ def mixed_precision(precision: str):
     return MixedPrecisionPolicy()  # parameters' own dtype (fp32 for 32-true, bf16 for bf16-true)
 
 
-def apply_fsdp2(model: Transformer, mesh, precision: str = "bf16-mixed", reshard_after_forward: bool = True,
-                prefetch: int = 0) -> None:  # fmt: skip
+def apply_fsdp2(
+    model: Transformer, mesh, precision: str = "bf16-mixed", reshard_after_forward: bool = True, prefetch: int = 0
+) -> None:
     """Shard every block, then the root: token embedding, EG-MLA's gate tables, final norm and tied head.
 
     The gate tables are sharded by rows like the token embedding, in the root unit: gathered once per step
