@@ -612,6 +612,8 @@ def notes(runs: Sequence[Run]) -> list[str]:
 def write_markdown(
     path: Path, title: str, runs: Sequence[Run], front: list[bool], argv: Sequence[str], plots: list[str]
 ) -> None:
+    # Not DataFrame.to_markdown / Styler.to_latex: to_markdown needs tabulate (no egmla dependency), the cells are
+    # already formatted strings with visible missing values, and the LaTeX puts a \midrule between model sizes.
     header, rows = display_columns(runs, front)
     numeric = [i >= 2 for i in range(len(header))]
     lines = [f"# {title}", "", *provenance(runs, argv), ""]

@@ -438,7 +438,8 @@ def _format_value(metric: str, value: float | None) -> str:
 
 def format_table(results: dict[str, Any], settings: EvalSettings) -> str:
     """One row per task: headline metric and value, the split, then the task's other metrics (accuracies in
-    percent); then both averages, the headline (eval.metric) first."""
+    percent); then both averages, the headline (eval.metric) first. (By hand: the last column is free text and the
+    average rows span columns, which pandas' to_markdown / tabulate would not lay out; tabulate is no dependency.)"""
     width = max([len("task"), len(f"avg_acc_norm ({len(settings.average)} tasks)"), *(len(t) for t in settings.tasks)])
     splits = results.get("eval_splits") or {}
     lines = [f"{'task':<{width}}  {'metric':<16} {'value':>8}  {'split':<10}  other"]
