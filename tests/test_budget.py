@@ -92,6 +92,7 @@ def test_the_paper_overlays_train_50b_tokens_in_the_same_steps_on_any_gpu_count(
     steps = demo.train.max_steps
     apply_budget(demo)
     assert demo.train.max_steps == steps and demo.trainer.accumulate_grad_batches == 1  # a run given in steps
+    assert demo.train.ckpt_every * 4 <= steps  # an interrupted demo trial resumes from a checkpoint mid-way
 
 
 def test_print_config_shows_the_derived_steps_and_accumulation(capsys, monkeypatch):

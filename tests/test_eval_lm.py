@@ -443,19 +443,44 @@ def _write_task(folder: Path) -> None:
     )
 
 
+PIQA_ROWS = [("Dry a wet cup.", "Use a towel.", "Use a hose.", 0), ("Cut bread.", "Use a spoon.", "Use a knife.", 1),
+             ("Open a jar.", "Twist the lid.", "Freeze it.", 0)]  # fmt: skip
+
+
+def _write_offline_data(root: Path) -> Path:
+    """`make eval-data`'s layout with piqa's split only: the portable YAMLs of every offline task under
+    root/tasks (placeholders, no absolute path), a 3-row piqa validation split in the arrow format."""
+    import datasets
+
+    from egmla.eval.offline_tasks import write_tasks
+
+    rows = [{"goal": g, "sol1": a, "sol2": b, "label": y} for g, a, b, y in PIQA_ROWS]
+    datasets.Dataset.from_list(rows).save_to_disk(str(root / "piqa" / "validation"))
+    write_tasks(root, root / "tasks")
+    return root / "tasks"
+
+
 def test_lm_eval_command_line_runs_the_egmla_model(run_dir, tmp_path):
-    _write_task(tmp_path / "tasks")
+    """One `lm_eval` call: a task of a plain --include_path folder, and piqa_offline from a folder of portable
+    YAMLs (as `make eval-data` writes), which lm-eval finds only because the hook renders that folder."""
+    tasks = _write_offline_data(tmp_path / "eval")
+    _write_task(tmp_path / "mine")
+    shutil.copy(tmp_path / "mine" / "tiny_mc.yaml", tasks)  # its data path is absolute: used as it is
     out = tmp_path / "out"
-    args = ["--model", "egmla", "--model_args", f"checkpoint={run_dir}", "--tasks", "egmla_tiny_mc",
-            "--include_path", str(tmp_path / "tasks"), "--limit", "5", "--batch_size", "4",
-            "--output_path", str(out)]  # fmt: skip
-    env = offline_env(OMP_NUM_THREADS="1")
+    args = ["--model", "egmla", "--model_args", f"checkpoint={run_dir}", "--tasks", "egmla_tiny_mc,piqa_offline",
+            "--include_path", str(tasks), "--limit", "5", "--batch_size", "4", "--output_path", str(out)]  # fmt: skip
+    env = offline_env(OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
     proc = subprocess.run([*_lm_eval_command(tmp_path), *args], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "egmla_tiny_mc" in proc.stdout and "acc" in proc.stdout and "|" in proc.stdout, proc.stdout
     [results] = out.rglob("results_*.json")
-    acc = json.loads(results.read_text())["results"]["egmla_tiny_mc"]["acc,none"]
+    saved = json.loads(results.read_text())
+    acc = saved["results"]["egmla_tiny_mc"]["acc,none"]
     assert 0 <= acc <= 1 and math.isfinite(acc)
+    piqa = saved["results"]["piqa_offline"]
+    assert saved["n-samples"]["piqa_offline"]["effective"] == len(PIQA_ROWS)  # all 3 local rows, nothing fetched
+    assert piqa["acc,none"] in (0, 1 / 3, 2 / 3, 1) and "acc_norm,none" in piqa  # lm-eval's own piqa metrics
+    assert "@HERE@" in (tasks / "piqa_offline.yaml").read_text()  # the folder itself stays portable
 
 
 def test_startup_hook_is_lazy_and_keeps_lm_evals_models(tmp_path):
@@ -472,6 +497,8 @@ assert "egmla" not in model_registry
 get_model("dummy")  # lm-eval's lazy start: imports lm_eval.models, which fires our hook
 assert model_registry._objs["egmla"] == "egmla.eval.lm:EgmlaLM" and "hf" in model_registry
 assert "egmla.eval.lm" not in sys.modules and "torch" not in sys.modules
+import lm_eval.tasks  # fires the other trigger: TaskManager renders portable folders, still without egmla
+assert lm_eval.tasks.TaskManager.__init__.egmla_renders and "egmla" not in sys.modules
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -327,9 +327,19 @@ def test_cli_errors_are_one_line(tiny_run, data_dir, tmp_path, capsys):
     with hold(tiny_run, "run dir"):  # a training (or another evaluation) writes this run
         assert f"run dir {tiny_run} is in use by PID {os.getpid()}" in _error(capsys, [ckpt, *offline_args(data_dir)])
     assert (tiny_run / "results.json").read_text() == results
-    assert "eval.average names 'piqa_offline'" in _error(capsys, [ckpt, *offline_args(data_dir, "eval.tasks=[x]")])
+    narrowed = offline_args(data_dir, "eval.tasks=[arc_easy_offline]")  # known, but piqa_offline is averaged
+    assert "eval.average names 'piqa_offline'" in _error(capsys, [ckpt, *narrowed])
     one_task = ["eval.tasks=[bogus_offline]", "eval.average=[]"]
-    assert "'bogus_offline' is not among the task YAMLs" in _error(capsys, [ckpt, *offline_args(data_dir, *one_task)])
+    assert "'bogus_offline' in eval.tasks is not among the task YAMLs" in _error(
+        capsys, [ckpt, *offline_args(data_dir, *one_task)]
+    )
+    # a misspelt task of the suite: named (not blamed on eval.average, which still names the right one), and the
+    # known tasks listed: the folder's tasks and groups, not MMLU's 57 subjects
+    message = _error(capsys, [ckpt, *offline_args(data_dir, "eval.tasks=[piqa_ofline]")])
+    assert f"task 'piqa_ofline' in eval.tasks is not among the task YAMLs in {data_dir}/eval/tasks" in message
+    assert "(did you mean 'piqa_offline'?)" in message and "eval.average" not in message
+    known = message.split("known tasks ")[1].split(";")[0].split(", ")
+    assert set(OFFLINE_TASKS) < set(known) and len(known) == len(OFFLINE_TASKS) + 4  # + MMLU's 4 categories
 
     empty = tmp_path / "empty"  # task YAMLs written, but no data under them
     write_tasks(empty / "eval", empty / "eval" / "tasks")

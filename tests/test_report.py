@@ -330,3 +330,79 @@ def test_older_offline_results_table_with_both_averages_and_name_the_arc_split(n
     text = (out / "table.md").read_text()
     assert "The runs chose different eval.metric (acc x1, acc_norm x3): tabled with acc_norm" in text
     assert "not the stock test split (2,376), in 1 of 4 evaluated runs" in text
+
+
+# --- the accuracy plot: error bars, the subset caveat, a legend of drawn artists only ---------------------------
+
+
+def stderr_runs(tmp_path) -> Path:
+    """Three 120M runs on two tasks scored with eval.limit=200; the stderrs are chosen so the average's standard
+    error is exact by hand: sqrt(0.03^2 + 0.04^2) / 2 = 0.025 and sqrt(0.05^2 + 0.12^2) / 2 = 0.065."""
+    root = tmp_path / "runs"
+    config = {"tasks": ["piqa", "winogrande"], "average": ["piqa", "winogrande"], "metric": "acc", "limit": 200}
+    for name, variant, kv, (piqa, wino) in (("egmla64", "egmla", 64, ((0.50, 0.03), (0.40, 0.04))),
+                                            ("mla", "mla", 256, ((0.60, 0.05), (0.30, 0.12))),
+                                            ("mha", "mha", None, ((0.55, 0.03), (0.45, None)))):  # fmt: skip
+        run = write_run(root, name, "120m", variant, kv, 256 if variant == "egmla" else None)
+        scores = {"piqa": {"acc": piqa[0], "acc_stderr": piqa[1]}, "winogrande": {"acc": wino[0]}}
+        if wino[1] is not None:
+            scores["winogrande"]["acc_stderr"] = wino[1]
+        with_eval(run, scores, config, avg_acc=(piqa[0] + wino[0]) / 2)
+    return root
+
+
+def drawn(handle) -> bool:
+    """Whether a legend handle's artist shows something: points with offsets, or a line of two or more points."""
+    if hasattr(handle, "get_offsets"):
+        return len(handle.get_offsets()) > 0
+    return len(handle.get_xdata()) >= 2
+
+
+def test_accuracy_plot_has_standard_error_bars_the_subset_caveat_and_only_drawn_legend_entries(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    from egmla.report import accuracy_caveat, accuracy_points, collect, figure_vs_kv, pareto_front
+
+    runs = collect([stderr_runs(tmp_path)])
+    by = {r.row["run"]: i for i, r in enumerate(runs)}
+    values, errors = accuracy_points(runs)
+    assert values[by["egmla64"]] == pytest.approx(45.0) and values[by["mla"]] == pytest.approx(45.0)
+    assert errors[by["egmla64"]] == pytest.approx(2.5) and errors[by["mla"]] == pytest.approx(6.5)
+    assert errors[by["mha"]] is None  # winogrande's stderr is missing: no bar, never a 0 one
+
+    note = accuracy_caveat(runs, errors)
+    front = pareto_front([(r.row["kv_bytes_per_token"], v) for r, v in zip(runs, values, strict=True)])
+    fig = figure_vs_kv(runs, values, front, "acc", "t", errors, note)
+    ax = fig.axes[0]
+    assert "eval.limit=200 examples per task" in fig.texts[0].get_text() and "not the full splits" in note
+    bars = sorted([float(x) for point in seg for x in point] for c in ax.collections
+                  if isinstance(c, LineCollection) for seg in c.get_segments())  # fmt: skip
+    kv = {r.row["run"]: r.row["kv_bytes_per_token"] for r in runs}  # each bar: (kv, value - se) to (kv, value + se)
+    expected = sorted([[kv["egmla64"], 42.5, kv["egmla64"], 47.5], [kv["mla"], 38.5, kv["mla"], 51.5]])
+    assert len(bars) == 2 and all(b == pytest.approx(e) for b, e in zip(bars, expected, strict=True))
+    handles, labels = ax.get_legend_handles_labels()
+    assert sorted(labels) == ["Pareto front", "model 120m"] and all(drawn(h) for h in handles)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
+    plt.close(fig)
+
+    # the loss plot's front is one point here (egmla64: least KV and least loss): its legend entry is still drawn
+    losses = [1.0 if r.row["run"] == "egmla64" else 2.0 for r in runs]
+    loss_front = pareto_front([(r.row["kv_bytes_per_token"], v) for r, v in zip(runs, losses, strict=True)], False)
+    fig = figure_vs_kv(runs, losses, loss_front, "loss", "t")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    assert "Pareto front" in labels and all(drawn(h) for h in handles) and not fig.texts
+    plt.close(fig)
+
+
+def test_full_split_caveat_and_the_note_in_table_md(normed_runs, tmp_path):
+    from egmla.report import accuracy_caveat, accuracy_points, collect
+
+    runs = collect([normed_runs])
+    _, errors = accuracy_points(runs)
+    assert all(e is None for e in errors)  # winogrande has no stderr in these files
+    caveat = "Accuracies from full task splits; no standard errors in results.json: no error bars."
+    assert accuracy_caveat(runs, errors) == caveat
+    out = tmp_path / "table"
+    assert main([str(normed_runs), "--out", str(out)]) == 0
+    assert accuracy_caveat(runs, errors) in (out / "table.md").read_text()

@@ -32,6 +32,7 @@ def run_variant(variant: str, root: Path, extra: list[str]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    # f-strings rather than pandas/tabulate: one format per column, and tabulate is not an egmla dependency
     mha = next((r for r in rows if r["config"]["attention"]["variant"] == "mha"), None)
     lines = [
         f"{'variant':<22} {'val loss':>8} {'val bpb':>8} {'KV B/token':>10} {'vs MHA':>7} {'params':>8} "

@@ -77,6 +77,8 @@ def _m(n: int) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    # By hand rather than pandas' to_markdown or tabulate: tabulate is not an egmla dependency (lm-eval's
+    # sacrebleu happens to pull it in) and these few lines keep the output exactly as table.md has it.
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))

@@ -24,10 +24,11 @@ Speed and time per row: steady tok/s and MFU (train.tok_per_s, train.mfu), train
 section: their val losses, mean and max - min.
 
 Written to DIR: table.md (header: machines, GPUs, dates, git commits, the exact command), results.csv,
-table.tex (booktabs), acc_vs_kv.png (average accuracy vs KV bytes/token, Pareto front marked; skipped with a
-note when no run has accuracies), loss_vs_kv.png, and loss_curves.png / loss_vs_time.png (training and validation
-loss vs tokens and vs training time; runs without csv/version_N/metrics.csv logs are skipped with a note); when the
-runs span two model sizes or more, loss_vs_params.png / loss_vs_flops.png and a Scaling section (egmla.report_scaling).
+table.tex (booktabs), acc_vs_kv.png (average accuracy vs KV bytes/token with ±1 standard-error bars, Pareto
+front marked, eval.limit written on it; skipped with a note when no run has accuracies), loss_vs_kv.png, and
+loss_curves.png / loss_vs_time.png (training and validation loss vs tokens and vs training time; runs without
+csv/version_N/metrics.csv logs are skipped with a note); when the runs span two model sizes or more,
+loss_vs_params.png / loss_vs_flops.png and a Scaling section (egmla.report_scaling).
 Missing values stay visibly missing: "—" in Markdown, "---" (an em dash) in LaTeX, an empty cell in the CSV; never 0.
 """
 
@@ -208,6 +209,22 @@ def averages(data: dict[str, Any]) -> dict[str, float | None]:
     return recomputed
 
 
+def average_stderr(data: dict[str, Any], metric: str) -> float | None:
+    """The standard error of the `metric` average over eval_config.average: sqrt(sum se_i^2) / n, each se_i lm-eval's
+    stderr of the accuracy that task contributes (the tasks' examples are disjoint, so their errors are independent
+    and add in quadrature). None when the average's tasks or any of their stderrs are unknown."""
+    average, scores = _get(data, "eval_config", "average"), data.get("eval")
+    if not average or not isinstance(scores, dict):
+        return None
+    errors = []
+    for task in average:
+        task_scores = scores.get(task) or {}
+        errors.append(_number(task_scores.get(f"{task_accuracy_metric(task_scores, metric)}_stderr")))
+    if any(e is None for e in errors):
+        return None
+    return math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
 def eval_splits(data: dict[str, Any]) -> dict[str, str]:
     """task -> the split it was scored on: results.json's eval_splits, else (older files) what it must have been."""
     if isinstance(data.get("eval_splits"), dict):
@@ -255,6 +272,7 @@ def make_run(path: Path, data: dict[str, Any], metric: str = "acc") -> Run:
         run.scores[task] = _number((metrics or {}).get(run.columns[task]))
     run.row |= averages(data)
     run.row["avg"] = run.row[AVERAGES[metric]]  # the headline: plotted, and the Pareto front's
+    run.row["avg_stderr"] = average_stderr(data, metric) if run.row["avg"] is not None else None
     run.row["run_dir"] = _display_path(path.parent)
     return run
 
@@ -595,6 +613,8 @@ def notes(runs: Sequence[Run]) -> list[str]:
 def write_markdown(
     path: Path, title: str, runs: Sequence[Run], front: list[bool], argv: Sequence[str], plots: list[str]
 ) -> None:
+    # Not DataFrame.to_markdown / Styler.to_latex: to_markdown needs tabulate (no egmla dependency), the cells are
+    # already formatted strings with visible missing values, and the LaTeX puts a \midrule between model sizes.
     header, rows = display_columns(runs, front)
     numeric = [i >= 2 for i in range(len(header))]
     lines = [f"# {title}", "", *provenance(runs, argv), ""]
@@ -697,10 +717,40 @@ def write_latex(path: Path, title: str, runs: Sequence[Run], front: list[bool]) 
 # -------------------------------------------------------------------------------------------------------- plots
 
 
-def plot_vs_kv(
-    path: Path, runs: Sequence[Run], values: list[float | None], front: list[bool], ylabel: str, title: str
-) -> None:
-    """Value vs KV bytes/token (log x), one colour per model size, each point labelled, the front as a line."""
+def accuracy_points(runs: Sequence[Run]) -> tuple[list[float | None], list[float | None]]:
+    """The plotted headline averages and their error bars (+-1 standard error), in percent; None where missing."""
+    values = [None if r.row["avg"] is None else 100 * r.row["avg"] for r in runs]
+    errors = [None if v is None or r.row["avg_stderr"] is None else 100 * r.row["avg_stderr"]
+              for r, v in zip(runs, values, strict=True)]  # fmt: skip
+    return values, errors
+
+
+def accuracy_caveat(runs: Sequence[Run], errors: Sequence[float | None]) -> str:
+    """What the accuracies rest on, written on the figure: eval.limit subsets or full splits, and the bars."""
+    limits = list(dict.fromkeys(_get(r.data, "eval_config", "limit") for r in runs if r.row["avg"] is not None))
+    if limits == [None]:
+        scored = "full task splits"
+    else:
+        given = ", ".join("none" if limit is None else f"{limit:g}" for limit in limits)
+        scored = f"subsets: eval.limit={given} examples per task (MMLU: per subject), not the full splits"
+    if all(e is None for e in errors):
+        bars = "no standard errors in results.json: no error bars"
+    else:
+        bars = "bars: ±1 standard error of the average (lm-eval's per-task stderr, sqrt(sum se^2)/n)"
+    return f"Accuracies from {scored}; {bars}."
+
+
+def figure_vs_kv(
+    runs: Sequence[Run],
+    values: list[float | None],
+    front: list[bool],
+    ylabel: str,
+    title: str,
+    errors: Sequence[float | None] | None = None,
+    note: str | None = None,
+):
+    """Value vs KV bytes/token (log x), one colour per model size, each point labelled, the front circled and
+    joined; `errors` as vertical bars, `note` written under the axes. Every legend entry is a drawn artist."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -710,19 +760,24 @@ def plot_vs_kv(
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=150)
     sizes = list(dict.fromkeys(str(r.row["size"]) for r in runs))
     colours = {s: f"C{i % 10}" for i, s in enumerate(sizes)}
-    for run, value in zip(runs, values, strict=True):
-        kv = run.row["kv_bytes_per_token"]
+    labelled: set[str] = set()
+    errors = errors or [None] * len(runs)
+    for run, value, error in zip(runs, values, errors, strict=True):
+        kv, size = run.row["kv_bytes_per_token"], str(run.row["size"])
         if kv is None or value is None:
             continue
-        ax.scatter(kv, value, color=colours[str(run.row["size"])], s=36, zorder=3)
+        label = None if size in labelled else f"model {size}"
+        labelled.add(size)
+        ax.scatter(kv, value, color=colours[size], s=36, zorder=3, label=label)
+        if error is not None:
+            ax.errorbar(kv, value, yerr=error, fmt="none", ecolor=colours[size], elinewidth=1, capsize=3, zorder=2)
         ax.annotate(str(run.row["attention"]), (kv, value), textcoords="offset points", xytext=(5, 4), fontsize=7)
     points = sorted((r.row["kv_bytes_per_token"], v) for r, v, f in zip(runs, values, front, strict=True) if f)
     if points:
         xs, ys = zip(*points, strict=True)
-        ax.step(xs, ys, where="post", color="black", linewidth=1, linestyle="--", zorder=2, label="Pareto front")
-        ax.scatter(xs, ys, facecolors="none", edgecolors="black", s=110, zorder=4)
-    for size in sizes:
-        ax.scatter([], [], color=colours[size], label=f"model {size}")
+        ax.step(xs, ys, where="post", color="black", linewidth=1, linestyle="--", zorder=2)
+        # the circles carry the legend entry: a front of one point has no visible line
+        ax.scatter(xs, ys, facecolors="none", edgecolors="black", s=110, zorder=4, label="Pareto front")
     ax.set_xscale("log")
     ticks: list[int] = []
     for kv in sorted({r.row["kv_bytes_per_token"] for r, v in zip(runs, values, strict=True) if v is not None}):
@@ -735,7 +790,17 @@ def plot_vs_kv(
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=6.5, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
+    return fig
+
+
+def plot_vs_kv(path: Path, *args, **kwargs) -> None:
+    """figure_vs_kv(*args, **kwargs), saved to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure_vs_kv(*args, **kwargs)
     fig.savefig(path)
     plt.close(fig)
 
@@ -743,11 +808,13 @@ def plot_vs_kv(
 def write_plots(out: Path, title: str, runs: Sequence[Run], front: list[bool]) -> list[str]:
     """The PNGs, and the lines table.md shows about them."""
     lines = []
-    accs = [None if r.row["avg"] is None else 100 * r.row["avg"] for r in runs]
+    accs, errors = accuracy_points(runs)
     if any(a is not None for a in accs):
         ylabel = f"average accuracy (%, {runs[0].metric}{' where defined' if runs[0].metric == 'acc_norm' else ''})"
-        plot_vs_kv(out / "acc_vs_kv.png", runs, accs, front, ylabel, f"{title}: accuracy vs KV")
+        note = accuracy_caveat(runs, errors)
+        plot_vs_kv(out / "acc_vs_kv.png", runs, accs, front, ylabel, f"{title}: accuracy vs KV", errors, note)
         lines.append("![average accuracy vs KV bytes/token](acc_vs_kv.png)")
+        lines.append(note)
     else:
         lines.append("No run has accuracies (run egmla-eval on them): acc_vs_kv.png is not drawn.")
     losses = [r.row["val_loss"] for r in runs]

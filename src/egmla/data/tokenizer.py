@@ -227,6 +227,8 @@ class GPT2Tokenizer(Tokenizer):
         return self.encoder.decode(ids, skip_special_tokens=False)
 
     def _compute_token_bytes(self) -> np.ndarray:
+        # From GPT-2's byte map, not tiktoken's decode_single_token_bytes: the `tokenizers` backend has no such
+        # lookup, and one path keeps both backends equal (tests/test_tokenizer.py checks it against tiktoken's).
         encoder_json, _ = gpt2_files()
         byte_of = unicode_to_bytes()
         sizes = np.zeros(self.vocab_size, dtype=np.int64)

@@ -1,6 +1,7 @@
 """`EgmlaLM`: our Transformer as an lm-eval model, registered as "egmla".
 
     lm_eval --model egmla --model_args checkpoint=RUN_DIR,device=cuda,batch_size=32 --tasks hellaswag
+    lm_eval --model egmla --model_args checkpoint=RUN_DIR --tasks hellaswag_offline --include_path data/eval/tasks
     EgmlaLM(model, tokenizer, batch_size=8)                 # in memory, e.g. right after training
     EgmlaLM.from_checkpoint("runs/120m-egmla-kv64-g256")     # what the command line does
 

@@ -11,9 +11,10 @@ installed lm-eval lives elsewhere on every machine and in every environment) and
 
 `write_tasks(data_root, out_dir)` (`make eval-data`) writes them into `out_dir` (data/eval/tasks), with the
 data paths relative, so the data folder can be moved or copied to another machine as it is.
-`loadable_tasks(include_path)` (egmla-eval, at load time) renders a folder holding such YAMLs into a temporary
-folder (removed at exit) with this process's lm-eval and the folder's current location; that copy is what
-lm-eval's TaskManager indexes. A folder without placeholders (your own tasks) is used as it is.
+`loadable_tasks(include_path)` (egmla-eval; `lm_eval --include_path` through lm_eval_plugin.py) renders a folder
+holding such YAMLs into a temporary folder (removed at exit) with this process's lm-eval and the folder's current
+location; that copy is what lm-eval's TaskManager indexes. A folder without placeholders (your own tasks) is used
+as it is.
 
 MMLU is a group like lm-eval's `mmlu`: mmlu_offline -> 4 category groups -> 57 subject tasks, written from
 one category and one subject template; subjects and categories come from lm-eval's own mmlu/default YAMLs.

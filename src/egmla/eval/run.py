@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -32,6 +33,7 @@ from typing import Any
 from ..lock import FolderLocked, hold
 from ..model import ConfigError
 from ..model.config import error_summary
+from .offline_tasks import declaring_yamls
 
 PROG = "egmla-eval"
 USAGE = f"usage: {PROG} checkpoint=RUN_DIR [eval=offline|paper] [eval.limit=N] [eval.KEY=VALUE ...]"
@@ -84,6 +86,8 @@ class EvalSettings:
 
     def check(self) -> None:
         if missing := [t for t in self.average if t not in self.tasks]:
+            if unknown := first_unknown_task(self):  # a misspelt eval.tasks entry: name it, not eval.average
+                raise unknown
             raise ConfigError(
                 f"eval.average names {missing[0]!r}, which is not in eval.tasks: add it to eval.tasks or set "
                 "eval.average=[...] to the tasks averaged into avg_acc"
@@ -209,11 +213,46 @@ def _unknown_task(task: str, manager, settings: EvalSettings) -> EvalError:
     if unreadable := _unreadable_task(task, manager, settings):
         return unreadable
     if not settings.include_defaults:
-        where = f"the task YAMLs in {settings.include_path}"
-        return EvalError(f"task {task!r} is not among {where}: fix eval.tasks, or {_build_hint(settings)}")
+        return _not_in_folder(task, settings, declared_tasks(Path(settings.include_path)))
     close = difflib.get_close_matches(task, manager.all_tasks, n=3)
     hint = f" (close: {', '.join(close)})" if close else ""
     return EvalError(f"task {task!r} is not an lm-eval task{hint}: fix eval.tasks")
+
+
+def _not_in_folder(task: str, settings: EvalSettings, known: list[str]) -> EvalError:
+    close = difflib.get_close_matches(task, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return EvalError(
+        f"task {task!r} in eval.tasks is not among the task YAMLs in {settings.include_path}{hint}: known tasks "
+        f"{', '.join(known) or '(none)'}; fix eval.tasks, or {_build_hint(settings)}"
+    )
+
+
+def declared_tasks(folder: Path) -> list[str]:
+    """The task and group names declared by the YAMLs of `folder` (its subfolders: groups only, e.g. mmlu_offline
+    and its categories rather than 57 subjects), read as text: cheap, and works before lm-eval indexes them."""
+    pattern = re.compile(r"^(task|group):\s*[\"']?([\w.-]+)[\"']?\s*$", re.MULTILINE)
+    names = []
+    for path in sorted(folder.rglob("*.yaml")):
+        for kind, name in pattern.findall(path.read_text(errors="replace")):
+            if path.parent == folder or kind == "group":
+                names.append(name)
+    return sorted(set(names), key=names.index)
+
+
+def first_unknown_task(settings: EvalSettings) -> EvalError | None:
+    """The error for the first of eval.tasks that is not a task here, or None (also when that cannot be told yet:
+    no folder of task YAMLs). Indexes lm-eval's tasks when include_defaults: seconds, so only on an error path."""
+    if not settings.include_defaults:
+        folder = Path(settings.include_path or "")
+        if not settings.include_path or not folder.is_dir():
+            return None
+        known = declared_tasks(folder)
+        unknown = [t for t in settings.tasks if t not in known and not declaring_yamls(folder, t)]
+        return _not_in_folder(unknown[0], settings, known) if unknown else None
+    manager = task_manager(settings)
+    unknown = [t for t in settings.tasks if t not in manager.all_tasks]
+    return _unknown_task(unknown[0], manager, settings) if unknown else None
 
 
 def _load_hint(settings: EvalSettings) -> str:
@@ -399,7 +438,8 @@ def _format_value(metric: str, value: float | None) -> str:
 
 def format_table(results: dict[str, Any], settings: EvalSettings) -> str:
     """One row per task: headline metric and value, the split, then the task's other metrics (accuracies in
-    percent); then both averages, the headline (eval.metric) first."""
+    percent); then both averages, the headline (eval.metric) first. (By hand: the last column is free text and the
+    average rows span columns, which pandas' to_markdown / tabulate would not lay out; tabulate is no dependency.)"""
     width = max([len("task"), len(f"avg_acc_norm ({len(settings.average)} tasks)"), *(len(t) for t in settings.tasks)])
     splits = results.get("eval_splits") or {}
     lines = [f"{'task':<{width}}  {'metric':<16} {'value':>8}  {'split':<10}  other"]

@@ -11,7 +11,10 @@ import time
 import lightning as L
 import torch
 
-# bf16 dense tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name().
+# bf16 dense tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name(). Not Lightning's
+# get_available_flops / ThroughputMonitor: lightning 2.6 returns None for "NVIDIA H200" (it parses only "H200
+# SXM1"/"NVL1" names) and lists H200 and H100 NVL bf16 at the sparse peak (2.0e15, 1.98e15: twice the dense one);
+# ThroughputMonitor synchronises the GPU every batch and counts checkpoint writes in its windows (see Throughput).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
 
 
