@@ -160,9 +160,9 @@ def apply_budget(cfg, launch: bool = True) -> Budget:
     launch=False (--print-config): where no GPU is visible to count trainer.devices=-1, fill in what does not
     depend on it (the steps of a global batch given in tokens) instead of failing."""
     t, d = cfg.train, cfg.data
-    max_tokens = _tokens("max_tokens", t.get("max_tokens"))
-    global_batch = _tokens("global_batch_tokens", t.get("global_batch_tokens"))
-    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    max_tokens = _tokens("max_tokens", t.max_tokens)
+    global_batch = _tokens("global_batch_tokens", t.global_batch_tokens)
+    accumulate = cfg.trainer.accumulate_grad_batches
     if max_tokens is None and global_batch is None:  # nothing to derive: Lightning judges trainer.devices itself
         try:
             world = world_size(cfg.trainer)
