@@ -20,7 +20,7 @@ from ..config import model_config
 from ..eval.run import EvalSettings
 from ..model import ConfigError, ModelConfig
 from ..model.config import check_choice, check_positive_int
-from .budget import Budget, _tokens, world_size
+from .budget import Budget, token_count, world_size
 from .fsdp import AC_MODES, COMPILE_SCOPES
 from .schedule import SCHEDULES
 
@@ -81,7 +81,8 @@ def _from_dict(cls: type, node: Any, group: str):
     if unknown := [key for key in values if key not in known]:
         raise ConfigError(f"{group}.{unknown[0]} is not a known key: expected one of {', '.join(sorted(known))}")
     if missing := [key for key in known if key not in values]:
-        raise ConfigError(f"{group}.{missing[0]} is missing: add it to the {group} group's YAML (or +{group}.KEY=...)")
+        key = f"{group}.{missing[0]}"
+        raise ConfigError(f"{key} is missing: add it to the {group} group's YAML (or pass +{key}=VALUE)")
     settings = cls(**values)
     settings.check()
     return settings
@@ -156,8 +157,8 @@ class TrainConfig:
     def check(self) -> None:
         for key in ("max_steps", "val_every", "log_every", "ckpt_every", "val_batches"):
             check_positive_int(f"train.{key}", getattr(self, key))
-        _tokens("max_tokens", self.max_tokens)
-        _tokens("global_batch_tokens", self.global_batch_tokens)
+        token_count("max_tokens", self.max_tokens)
+        token_count("global_batch_tokens", self.global_batch_tokens)
         if not _is_int(self.keep_checkpoints) or not (self.keep_checkpoints >= 1 or self.keep_checkpoints == -1):
             _fail("train.keep_checkpoints", self.keep_checkpoints,
                   "expected an integer >= 1 (a crashed run resumes from the newest) or -1 (keep all)")  # fmt: skip
