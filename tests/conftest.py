@@ -104,8 +104,7 @@ def run_training(args: list[str], callbacks=None) -> dict:
     from egmla import compose
     from egmla.train.main import prepare, train
 
-    cfg = compose(args)
-    return train(cfg, prepare(cfg), callbacks=callbacks)
+    return train(prepare(compose(args)), callbacks=callbacks)
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

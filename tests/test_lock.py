@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 
@@ -56,12 +57,12 @@ def test_a_second_trainer_into_a_held_run_dir_is_refused_in_one_line(corpus, tmp
 
 def test_only_rank_zero_takes_the_run_dir_lock(tmp_path, monkeypatch):
     """The ranks a launcher starts (RANK/LOCAL_RANK set) share rank zero's run dir: they must not be refused."""
-    monkeypatch.setattr(train_main, "_train", lambda cfg, prepared, callbacks: "trained")
-    prepared = {"run_dir": tmp_path / "run"}
-    with hold(prepared["run_dir"]):
+    monkeypatch.setattr(train_main, "_train", lambda prepared, callbacks: "trained")
+    prepared = SimpleNamespace(run_dir=tmp_path / "run")  # train() reads only run_dir before _train
+    with hold(prepared.run_dir):
         with pytest.raises(FolderLocked):
-            train_main.train(None, prepared)
+            train_main.train(prepared)
         monkeypatch.setenv("LOCAL_RANK", "1")
-        assert train_main.train(None, prepared) == "trained"
+        assert train_main.train(prepared) == "trained"
     monkeypatch.delenv("LOCAL_RANK")
-    assert train_main.train(None, prepared) == "trained"  # released when the holder's block ended
+    assert train_main.train(prepared) == "trained"  # released when the holder's block ended

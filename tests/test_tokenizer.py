@@ -147,3 +147,30 @@ def test_unloadable_tokenizer_is_one_line(name, monkeypatch):
     message = str(info.value)
     assert "\n" not in message and len(message) < 400
     assert repr(name) in message and "data.tokenizer=gpt2" in message and "local tokenizer directory" in message
+
+
+@pytest.mark.parametrize("why", ["HF_HUB_OFFLINE", "unreachable"])
+def test_a_hub_name_without_the_hub_fails_at_once(monkeypatch, why):
+    """HF_HUB_OFFLINE set after huggingface_hub was imported (it reads the variable once), or no hub to connect
+    to: the cache alone is looked at, instead of a minute of retries."""
+    import time
+
+    pytest.importorskip("transformers")
+    import huggingface_hub  # noqa: F401  (imported before the variable changes, as in a long-lived process)
+
+    from egmla.data.tokenizer import PROXY_VARIABLES
+
+    for key in PROXY_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    if why == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        build_tokenizer("meta-llama/Not-A-Real-Tokenizer")
+    assert time.perf_counter() - start < 15
+    message = str(info.value)
+    assert "\n" not in message and "'meta-llama/Not-A-Real-Tokenizer'" in message
+    assert ("HF_HUB_OFFLINE=1 is set" if why == "HF_HUB_OFFLINE" else "the hub at 127.0.0.1 is unreachable") in message

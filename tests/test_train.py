@@ -162,7 +162,7 @@ def test_weight_decay_skips_norms_embeddings_and_gate_tables(corpus, tmp_path):
 
     cfg = compose(overrides(corpus, tmp_path, "attention=egmla"))
     prepared = prepare(cfg)
-    module = LanguageModel(prepared["model_cfg"], dict(cfg.optim), 10, torch.ones(257))
+    module = LanguageModel(prepared.settings.model, prepared.settings.optim, 10, torch.ones(257))
     decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
     names = {id(p): n for n, p in module.model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}

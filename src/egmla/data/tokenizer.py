@@ -17,9 +17,11 @@ import importlib.util
 import json
 import os
 import re
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -256,6 +258,26 @@ def _one_line(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+HUB_PROBE_SECONDS = 3.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (HF_HUB_OFFLINE, read at this call, or no connection to
+    HF_ENDPOINT's host within HUB_PROBE_SECONDS), or None. Behind a proxy the hub client's own requests decide."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE=1 is set"
+    if any(os.environ.get(key) for key in PROXY_VARIABLES):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_SECONDS):
+            return None
+    except OSError:
+        return f"the hub at {endpoint.hostname} is unreachable"
+
+
 def _load_hf_tokenizer(name: str):
     fix = "use data.tokenizer=gpt2 or bytes, or a local tokenizer directory"
     try:
@@ -265,11 +287,13 @@ def _load_hf_tokenizer(name: str):
     path = Path(name).expanduser()
     if name.startswith(("/", ".", "~")) and not path.is_dir():
         raise ConfigError(f"tokenizer {name!r} could not be loaded (no such directory): {fix}")
+    # Without the hub, look in the local cache only: huggingface_hub would retry for about a minute before failing.
+    offline = None if path.is_dir() else hub_unavailable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name, local_files_only=bool(offline))
     except Exception as error:  # hub, file and format errors all mean the same to the user
-        offline = "HF_HUB_OFFLINE=1 is set" if os.environ.get("HF_HUB_OFFLINE") == "1" else "offline?"
-        raise ConfigError(f"tokenizer {name!r} could not be loaded ({_one_line(error)}; {offline}): {fix}") from None
+        why = offline or "offline?"
+        raise ConfigError(f"tokenizer {name!r} could not be loaded ({_one_line(error)}; {why}): {fix}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {name!r} has no EOS token: documents need one to separate them; {fix}")
     tokenizer.model_max_length = 1 << 62  # we tokenize whole documents: silence "sequence too long" warnings

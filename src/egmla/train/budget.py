@@ -100,7 +100,7 @@ def world_size(trainer: Mapping[str, Any]) -> int:
     return count * nodes
 
 
-def _tokens(key: str, value: Any) -> int | None:
+def token_count(key: str, value: Any) -> int | None:
     """A token count from the config: null, an integer, or a float that is one (5.0e10)."""
     if value is None:
         return None
@@ -168,9 +168,9 @@ def apply_budget(cfg, launch: bool = True) -> Budget:
     launch=False (--print-config): where no GPU is visible to count trainer.devices=-1, fill in what does not
     depend on it (the steps of a global batch given in tokens) instead of failing."""
     t, d = cfg.train, cfg.data
-    max_tokens = _tokens("max_tokens", t.get("max_tokens"))
-    global_batch = _tokens("global_batch_tokens", t.get("global_batch_tokens"))
-    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    max_tokens = token_count("max_tokens", t.max_tokens)
+    global_batch = token_count("global_batch_tokens", t.global_batch_tokens)
+    accumulate = cfg.trainer.accumulate_grad_batches
     if max_tokens is None and global_batch is None:  # nothing to derive: Lightning judges trainer.devices itself
         try:
             world = world_size(cfg.trainer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,74 +14,89 @@ from torch.utils.data import DataLoader
 from ..data.stream import PackedBatches, SourceSpec, StreamPosition
 from ..data.tokenizer import build_tokenizer
 from ..model import ConfigError
+from .settings import DataConfig
 
 
 class StreamDataModule(L.LightningDataModule):
     """Training batches loop over the train source forever (epoch after epoch, reshuffled); validation reads
     the first `val_batches` batches of the held-out source, the same ones every time."""
 
-    def __init__(self, data: dict[str, Any], seed: int):
+    def __init__(self, data: DataConfig | Mapping[str, Any], seed: int):
         super().__init__()
-        self.cfg = data
+        self.cfg = data if isinstance(data, DataConfig) else DataConfig.from_dict(data)
         self.seed = seed
-        self.tokenizer = build_tokenizer(data["tokenizer"])
+        self.tokenizer = build_tokenizer(self.cfg.tokenizer)
         self.position = StreamPosition()
 
     def check(self, vocab_size: int) -> None:
         """Fail before anything is written: missing files, an unreachable hub dataset, a missing field, a
         tokenizer the model cannot embed. Opening each source reads its first rows, nothing more."""
-        fingerprint = self.cfg.get("fingerprint")
+        fingerprint = self.cfg.fingerprint
         if fingerprint and not Path(fingerprint).is_file():  # written last by the build: missing = not built
             raise ConfigError(
-                f"data={self.cfg.get('name')}: {fingerprint} not found (the corpus is not built, or its build was "
+                f"data={self.cfg.name}: {fingerprint} not found (the corpus is not built, or its build was "
                 "interrupted): run `make data-code`, or set data.fingerprint=null"
             )
         try:
             self._dataset("train", rank=0, world=1)
             self._dataset("val", rank=0, world=1)
         except (FileNotFoundError, ConnectionError, ValueError) as exc:
-            raise ConfigError(f"data={self.cfg.get('name')}: {exc}") from None
+            raise ConfigError(f"data={self.cfg.name}: {exc}") from None
         if self.tokenizer.vocab_size > vocab_size:
             raise ConfigError(
-                f"model.vocab_size={vocab_size} is smaller than tokenizer {self.cfg['tokenizer']!r}'s "
+                f"model.vocab_size={vocab_size} is smaller than tokenizer {self.cfg.tokenizer!r}'s "
                 f"{self.tokenizer.vocab_size} ids: set model.vocab_size={self.tokenizer.vocab_size}"
             )
 
     def record(self) -> dict[str, Any]:
         """What results.json says about the data: its name and the build's fingerprint (None without one)."""
-        path = self.cfg.get("fingerprint")
+        path = self.cfg.fingerprint
         fingerprint = json.loads(Path(path).read_text(encoding="utf-8")) if path and Path(path).is_file() else None
-        return {"name": self.cfg.get("name"), "fingerprint": fingerprint}
+        return {"name": self.cfg.name, "fingerprint": fingerprint}
 
     def _source(self, split: str) -> SourceSpec:
         c = self.cfg
         return SourceSpec(
-            path=c.get("path"),
-            name=c.get("config_name"),
-            data_files=c.get("data_files"),
+            path=c.path,
+            name=c.config_name,
+            data_files=c.data_files,
             split=split,
-            text_field=c.get("text_field"),
-            token_field=c.get("token_field"),
-            builder=c.get("builder"),
+            text_field=c.text_field,
+            token_field=c.token_field,
+            builder=c.builder,
         )
 
-    def _dataset(self, role: str, rank: int, world: int) -> PackedBatches:
+    def check_resume(self, ranks: list[dict[str, Any]]) -> None:
+        """Refuse, in one line and before anything is written, a checkpoint's data position that these settings
+        cannot continue (another data.num_workers, seq_len, ...): the stream itself would refuse it only once
+        training has started."""
+        saved = next((state for state in ranks if state.get("batches_consumed")), None)
+        if saved is None:
+            return
+        try:
+            self._dataset("train", rank=saved.get("rank", 0), world=saved.get("world_size", 1), resume=saved)
+        except ValueError as exc:
+            raise ConfigError(f"resume: {exc}") from None
+
+    def _dataset(self, role: str, rank: int, world: int, resume: dict[str, Any] | None = None) -> PackedBatches:
         c = self.cfg
         train = role == "train"
+        if train and resume is None and self.position.batches_consumed:
+            resume = self.position.state_dict()
         return PackedBatches(
-            self._source(c["train_split"] if train else c["val_split"]),
+            self._source(c.train_split if train else c.val_split),
             self.tokenizer,
-            seq_len=c["seq_len"],
-            batch_size=c["batch_size"],
+            seq_len=c.seq_len,
+            batch_size=c.batch_size,
             seed=self.seed,
             rank=rank,
             world_size=world,
-            shuffle_window=c["shuffle_window"] if train else 0,
+            shuffle_window=c.shuffle_window if train else 0,
             loop=train,
-            holdout_every=c.get("holdout_every"),
+            holdout_every=c.holdout_every,
             holdout_role=role,
-            resume=self.position.state_dict() if train and self.position.batches_consumed else None,
-            num_workers=max(1, c.get("num_workers", 0)),  # the stream counts the main process as one worker
+            resume=resume,
+            num_workers=max(1, c.num_workers),  # the stream counts the main process as one worker
         )
 
     def _rank_world(self) -> tuple[int, int]:
@@ -88,7 +104,7 @@ class StreamDataModule(L.LightningDataModule):
 
     def _loader(self, role: str) -> DataLoader:
         rank, world = self._rank_world()
-        workers = self.cfg.get("num_workers", 0)
+        workers = self.cfg.num_workers
         return DataLoader(
             self._dataset(role, rank, world),
             batch_size=None,  # the dataset yields whole batches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from ..model import ModelConfig, Transformer
 from . import fsdp
 from .schedule import lr_multiplier
+from .settings import OptimConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -20,23 +22,25 @@ class NonFiniteLossError(RuntimeError):
 
 
 class LanguageModel(L.LightningModule):
-    """Wraps the pure-PyTorch Transformer; optimizer settings come from the `optim` config group.
+    """Wraps the pure-PyTorch Transformer; optimizer settings come from the `optim` config group (an OptimConfig,
+    or its mapping, checked here).
 
     token_bytes [vocab]: UTF-8 bytes each token id stands for, to report validation bits per byte.
     fused_loss: the loss comes from the model, fused with its output head (train.fused_loss).
     """
 
-    def __init__(self, model_cfg: ModelConfig, optim: dict[str, Any], max_steps: int, token_bytes: torch.Tensor,
+    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig | Mapping[str, Any], max_steps: int,
+                 token_bytes: torch.Tensor,
                  compile: str | None = None, activation_checkpointing: str = "none",
                  sharding: dict | None = None, fused_loss: bool = True):  # fmt: skip
         super().__init__()
         self.model_cfg = model_cfg
-        self.optim = optim
+        self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig.from_dict(optim)
         self.max_steps = max_steps
         self.compile = compile  # None, "model" or "blocks" (see egmla.train.fsdp.compile_model)
         self.activation_checkpointing = activation_checkpointing
         self.fused_loss = fused_loss
-        # FSDP2: precision, reshard_after_forward (used when the strategy gives a device mesh)
+        # FSDP2: precision, reshard_after_forward (fsdp.prepare_model's, used when the strategy gives a device mesh)
         self.sharding = sharding or {}
         self._configured = False
         self.model = Transformer(model_cfg)
@@ -55,9 +59,7 @@ class LanguageModel(L.LightningModule):
             return
         self._configured = True
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        fsdp.prepare_model(self.model, self.activation_checkpointing, self.compile, mesh,
-                           self.sharding.get("precision", "32-true"),
-                           self.sharding.get("reshard_after_forward", True))  # fmt: skip
+        fsdp.prepare_model(self.model, self.activation_checkpointing, self.compile, mesh, **self.sharding)
         if self.compile and not self.fused_loss:
             # Compiling the loss fuses the fp32 upcast into the softmax instead of materialising fp32 logits:
             # faster and smaller at 120m (experiments/throughput/README.md, "Results: the paper's 120M ...").
@@ -169,14 +171,14 @@ class LanguageModel(L.LightningModule):
             # Norm gains, biases, the token embedding (tied to the output head) and gate tables: no decay.
             is_table = name.startswith(("embed", "gate_tables"))
             (no_decay if p.ndim < 2 or is_table else decay).append(p)
-        fused = o.get("fused", "auto")
+        fused = o.fused
         if fused == "auto":
             fused = all(p.is_cuda for p in decay + no_decay)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o["lr"],
-            betas=tuple(o["betas"]),
-            eps=o["eps"],
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
             fused=bool(fused),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_scale)
@@ -187,24 +189,23 @@ class LanguageModel(L.LightningModule):
         o = self.optim
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            scheduler.base_lrs = [o["lr"]] * len(scheduler.base_lrs)
+            scheduler.base_lrs = [o.lr] * len(scheduler.base_lrs)
         for optimizer in self.trainer.optimizers:
             decay, no_decay = optimizer.param_groups
-            decay["weight_decay"] = o["weight_decay"]
+            decay["weight_decay"] = o.weight_decay
             for group in (decay, no_decay):
-                group.update(initial_lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
-                group["lr"] = o["lr"] * self._lr_scale(self.global_step)
+                group.update(initial_lr=o.lr, betas=o.betas, eps=o.eps)
+                group["lr"] = o.lr * self._lr_scale(self.global_step)
 
     def _lr_scale(self, step: int) -> float:
         """The schedule's multiplier of optim.lr at optimizer step `step`."""
         o = self.optim
-        return lr_multiplier(step, self.max_steps, o["warmup_steps"], o["schedule"], o["min_lr_ratio"],
-                             o["decay_fraction"])  # fmt: skip
+        return lr_multiplier(step, self.max_steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_fraction)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Clipping here rather than through the Trainer: Lightning refuses its own clipping with fused AdamW,
         # which is right for fp16's loss scaling but needless in bf16 and fp32, where gradients are unscaled.
-        max_norm = self.optim.get("grad_clip") or 0
+        max_norm = self.optim.grad_clip
         log = self.global_step % max(1, self.trainer.log_every_n_steps) == 0
         if max_norm > 0:
             norm = fsdp.clip_grad_norm_(self.model.parameters(), max_norm)
