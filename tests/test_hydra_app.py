@@ -3,7 +3,6 @@ the same config and run name as compose() gives for the same overrides."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -109,16 +108,7 @@ def test_print_config_is_kept(tmp_path):
     assert f"run_name: {compose(['attention=egmla', 'attention.gate_on=latent']).run_name}" in done.stdout
 
 
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package is missing
-        return False
-
-
-@pytest.mark.skipif(not _installed("hydra_plugins.hydra_submitit_launcher"),
-                    reason="hydra-submitit-launcher is not installed (pip install egmla[submitit])")  # fmt: skip
 def test_submitit_launcher_is_selectable(tmp_path):
-    done = egmla_train(["--cfg", "hydra", "-m", "hydra/launcher=submitit_slurm"], cwd=tmp_path)
+    done = egmla_train(["--cfg", "hydra", "hydra/launcher=submitit_slurm"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "SlurmLauncher" in yaml.safe_load(done.stdout)["hydra"]["launcher"]["_target_"]

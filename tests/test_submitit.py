@@ -22,3 +22,12 @@ def test_submitit_local_runs_a_two_job_multirun(corpus, tmp_path):
         assert results["config"]["attention"]["variant"] == choice and results["train"]["steps"] == 6
     jobs = list(tmp_path.glob("multirun/*/*/.submitit/*/*_result.pkl"))
     assert len(jobs) == 2  # two submitit jobs, not two runs inside one process
+
+
+def test_a_failed_submitit_job_fails_the_command(corpus, tmp_path):
+    """The job with a missing training file exits 2 in its own process; the command must not exit 0."""
+    base = [o for o in overrides(corpus, tmp_path / "runs" / "bad") if not o.startswith("data.data_files.train")]
+    args = ["-m", "hydra/launcher=submitit_local", *base, f"data.data_files.train={tmp_path / 'missing.jsonl'}"]
+    done = egmla_train(args, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "exited with status 2" in done.stderr + done.stdout

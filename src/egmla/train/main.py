@@ -417,7 +417,15 @@ def _hydra_job(_: DictConfig) -> int:
     else:
         status = run(overrides)
     _statuses.append(status)  # in a multirun a failed job is reported (its own error line) and the next one runs
+    if status and not hydra_cfg.launcher._target_.endswith("BasicLauncher"):
+        # a launcher's job runs in a process of its own (submitit, SLURM): _statuses never reaches this command's
+        # exit status, so the job fails, Hydra re-raises it here, and egmla-train exits non-zero
+        raise JobFailed(f"job {hydra_cfg.job.num} ({' '.join(overrides)}) exited with status {status}")
     return status
+
+
+class JobFailed(RuntimeError):
+    """A multirun job run by another launcher than Hydra's basic one ended with a non-zero status."""
 
 
 if __name__ == "__main__":
