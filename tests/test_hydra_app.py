@@ -16,7 +16,7 @@ from conftest import offline_env, overrides
 from egmla import compose
 from egmla.config import config_dir
 
-CLI = "from egmla.train.main import cli; cli()"
+CLI = "from egmla.train.cli import cli; cli()"
 
 
 def egmla_train(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
