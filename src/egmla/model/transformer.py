@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import build_attention
+from ..kernels import LaunchOptions
+from .attention import LatentAttention, build_attention
 from .cache import DecodeCache, LayerCache
 from .config import ModelConfig
 from .layers import RMSNorm, Rotary, SwiGLU
@@ -107,6 +108,22 @@ class Transformer(nn.Module):
             return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, reduction,
                                         compile=self.compile_loss)  # fmt: skip
         return self.output_head(self.norm(x[:, -1:] if last_only else x))
+
+    def enable_fused_decode(self, gate_source: str | None, backend: str = "auto",
+                            launch: LaunchOptions | None = None) -> str | None:  # fmt: skip
+        """Switch every EG-MLA layer to the fused decode (egmla.kernels; None switches back); returns the backend
+        used. Call it after moving the model to its device and dtype: the gate table is built where the weights are.
+        """
+        layers = [(i, b.attn) for i, b in enumerate(self.blocks) if isinstance(b.attn, LatentAttention)]
+        if gate_source is None:
+            for _, attn in layers:
+                attn.enable_fused_decode(None)
+            return None
+        if not layers:
+            raise ValueError("the fused decode serves EG-MLA gating the K/V content only; this model has no such layer")
+        for i, attn in layers:
+            attn.enable_fused_decode(gate_source, self.gate_table(i), backend, launch)
+        return layers[0][1].fused_decode.backend
 
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [..., vocab_size]. The weight gets zero rows for the matmul where padded_vocab says so (a large
