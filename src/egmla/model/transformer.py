@@ -14,6 +14,7 @@ from .cache import DecodeCache, LayerCache
 from .config import ModelConfig
 from .layers import RMSNorm, Rotary, SwiGLU
 from .loss import linear_cross_entropy, padded_vocab
+from .sampling import sample_next_token
 
 
 class Block(nn.Module):
@@ -156,18 +157,8 @@ class Transformer(nn.Module):
         logits = self(ids, cache, last_only=True)[:, -1]
         out = [ids]
         for step in range(max_new_tokens):
-            next_id = _sample(logits, temperature, top_k)
+            next_id = sample_next_token(logits, temperature, top_k)[:, None]
             out.append(next_id)
             if step + 1 < max_new_tokens:
                 logits = self(next_id, cache)[:, -1]
         return torch.cat(out, dim=1)
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
