@@ -45,7 +45,7 @@ def run_under_triton_interpreter(code: str, timeout: int) -> None:
 
 
 def load_script(relative: str):
-    """A script of the repository (e.g. experiments/decode/kernel_costs.py) imported as a module."""
+    """A script of the repository (e.g. experiments/throughput/frozen_tables.py) imported as a module."""
     path = Path(__file__).resolve().parents[1] / relative
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)

@@ -30,18 +30,17 @@ def _decode_steps(model, ids, prefill: int):
 
 @pytest.mark.parametrize("variant", CONTENT_GATED)
 @pytest.mark.parametrize("gate_source", ["table", "embedding"])
-def test_reference_algorithm_matches_unfused_decode(variant, gate_source, monkeypatch):
+def test_reference_algorithm_matches_unfused_decode(variant, gate_source):
     """Tiles of 4 tokens in splits of 8: contexts 9..15 end mid-tile and mid-split; batch 3; float64."""
-    monkeypatch.setitem(kernels.OPTIONS, "block_s", 4)
-    monkeypatch.setitem(kernels.OPTIONS, "split_tokens", 8)
+    launch = kernels.LaunchOptions(block_s=4, split_tokens=8)
     model = small_model(variant).double()
     torch.manual_seed(5)
     ids = torch.randint(0, 97, (3, 16))
     unfused = _decode_steps(model, ids, prefill=9)
-    assert kernels.enable_fused_decode(model, gate_source) == "reference"
+    assert model.enable_fused_decode(gate_source, launch=launch) == "reference"
     fused = _decode_steps(model, ids, prefill=9)
     torch.testing.assert_close(fused, unfused, rtol=1e-10, atol=1e-12)
-    kernels.enable_fused_decode(model, None)
+    model.enable_fused_decode(None)
     torch.testing.assert_close(_decode_steps(model, ids, prefill=9), unfused, rtol=0, atol=0)
 
 
@@ -68,7 +67,7 @@ def test_reference_tiles_and_splits_match_dense_attention(context, block_s, spli
     latent, k_rope = torch.randn(b, context, attn.d_c).double(), torch.randn(b, context, attn.d_rope).double()
     ids = torch.randint(0, 97, (b, context), dtype=torch.int32)
     expected = _dense_attention(attn, table, q_nope, q_rope, latent, k_rope, ids)
-    got = reference.decode_attention(q_nope, q_rope, latent, k_rope, ids, kernels.decode_weights(attn, table),
+    got = reference.decode_attention(q_nope, q_rope, latent, k_rope, ids, attn.fused_decode.weights,
                                      block_s=block_s, split_tokens=split_tokens)  # fmt: skip
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
@@ -78,7 +77,8 @@ def test_gate_table_equals_recomputed_gate(variant):
     model = small_model(variant)
     ids = torch.randint(0, 97, (4, 9))
     for i, block in enumerate(model.blocks):
-        rows = kernels.build_gate_rows(block.attn, model.gate_table(i), chunk=10)  # chunks end mid-vocabulary
+        weights = block.attn.decode_weights(model.gate_table(i))
+        rows = kernels.build_gate_rows(weights, chunk=10)  # chunks end mid-vocabulary
         recomputed = block.attn.gate(model.gate_table(i)(ids))[0]
         torch.testing.assert_close(rows[ids], recomputed, rtol=1e-6, atol=1e-6)
 
@@ -87,23 +87,24 @@ def test_fused_decode_leaves_training_forward_and_checkpoint_alone():
     model = small_model("egmla")
     ids = torch.randint(0, 97, (2, 12))
     logits, keys = model(ids), set(model.state_dict())
-    kernels.enable_fused_decode(model, "table")
-    assert set(model.state_dict()) == keys  # the gate table is a non-persistent buffer
-    assert model.blocks[0].attn.fused_gate_rows.shape == (97, 4 * (8 + 8))
+    model.enable_fused_decode("table")
+    assert set(model.state_dict()) == keys  # the gate table is not a parameter or buffer of the model
+    assert model.blocks[0].attn.fused_decode.weights.gate_rows.shape == (97, 4 * (8 + 8))
     assert torch.equal(model(ids), logits)
 
 
 @pytest.mark.parametrize("variant", ["mla", "egmla_latent"])
 def test_fused_decode_refuses_layers_it_cannot_serve(variant):
     with pytest.raises(ValueError, match="gating the K/V content only"):
-        kernels.enable_fused_decode(small_model(variant), "table")
+        small_model(variant).enable_fused_decode("table")
 
 
 def test_triton_backend_refuses_odd_dimensions():
     if not kernels.triton_available():
         pytest.skip("triton is not installed")
     with pytest.raises(ValueError, match="powers of two >= 16; attention.qk_nope_head_dim=8"):
-        small_model("egmla").blocks[0].attn.enable_fused_decode("table", None, backend="triton")
+        model = small_model("egmla")
+        model.blocks[0].attn.enable_fused_decode("table", model.gate_table(0), backend="triton")
 
 
 # --- benchmark bookkeeping --------------------------------------------------------------------------------
@@ -185,8 +186,7 @@ def test_bench_refuses_a_fused_result_that_does_not_match(tmp_path, monkeypatch,
     assert not out.exists()
 
 
-def test_bench_refuses_heads_per_program_that_does_not_divide_the_heads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(kernels, "OPTIONS", dict(kernels.OPTIONS))  # the run sets the launch options
+def test_bench_refuses_heads_per_program_that_does_not_divide_the_heads(tmp_path, capsys):
     out = tmp_path / "decode.csv"
     argv = ["decode", *TINY, "--context", "12", "--variants", "mha", "egmla_fused", "--heads-per-program", "3",
             "--csv", str(out)]  # fmt: skip
@@ -207,7 +207,6 @@ def test_bench_refuses_cache_bytes_off_the_formula(tmp_path, monkeypatch, capsys
 INTERPRETED = """
 import torch
 from conftest import small_model
-from egmla import kernels
 from egmla.kernels import egmla_decode, reference
 
 knobs = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, gate_dim=16)
@@ -219,7 +218,7 @@ for variant in ({"variant": "egmla"}, {"variant": "egmla", "gate_kv": "shared", 
         attn, table = model.blocks[0].attn, model.gate_table(0)
         for source in ("table", "embedding"):
             attn.enable_fused_decode(source, table, backend="triton")
-            w = kernels.decode_weights(attn, table)
+            w = attn.fused_decode.weights
             torch.manual_seed(0)
             b, s, h = 3, 45, attn.n_heads
             q_nope, q_rope = torch.randn(b, h, 16).to(dtype), torch.randn(b, h, 16).to(dtype)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import small_config, small_model
-from egmla import ConfigError, accounting, build_model, compose, kernels, model_config
+from egmla import ConfigError, accounting, build_model, compose, model_config
 from egmla.model import Transformer
 
 
@@ -161,7 +161,7 @@ def test_identity_init_serves_the_fused_decode():
     cache = model.new_cache(2, 12)
     model(ids[:, :8], cache)
     unfused = [model(ids[:, t : t + 1], cache) for t in range(8, 12)]
-    kernels.enable_fused_decode(model, "embedding", backend="reference")
+    model.enable_fused_decode("embedding", backend="reference")
     cache = model.new_cache(2, 12)
     model(ids[:, :8], cache)
     fused = [model(ids[:, t : t + 1], cache) for t in range(8, 12)]
@@ -174,7 +174,7 @@ def test_identity_init_serves_the_fused_decode():
 ])  # fmt: skip
 def test_fused_decode_refuses_add_and_vector(variant, message):
     with pytest.raises(ValueError, match=message):
-        kernels.enable_fused_decode(small_model(variant), "table", backend="reference")
+        small_model(variant).enable_fused_decode("table", backend="reference")
 
 
 def test_fused_expand_refuses_a_hand_edited_add_layer(monkeypatch):

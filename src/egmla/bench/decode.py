@@ -159,32 +159,37 @@ def prefill(model, cache, context: int, rows_per_pass: int, chunk: int, generato
 
 # --- measurements -----------------------------------------------------------------------------------------
 @contextmanager
-def recording_fused_calls(calls: list):
-    """Record (attention, inputs, output) of every fused-kernel call made inside the block."""
-    original = kernels.fused_decode
+def recording_fused_calls(model, calls: list):
+    """Record (attention, its gate table, inputs, output) of every fused-kernel call made inside the block."""
+    layers = [(b.attn, model.gate_table(i), b.attn.fused_decode) for i, b in enumerate(model.blocks)
+              if getattr(b.attn, "fused_decode", None) is not None]  # fmt: skip
 
-    def record(attn, *inputs):
-        out = original(attn, *inputs)
-        calls.append((attn, inputs, out))
-        return out
+    def recorder(attn, gate_table, fused):
+        def record(*inputs):
+            out = fused(*inputs)
+            calls.append((attn, gate_table, inputs, out))
+            return out
 
-    kernels.fused_decode = record
+        return record
+
+    for attn, gate_table, fused in layers:
+        attn.fused_decode = recorder(attn, gate_table, fused)
     try:
         yield
     finally:
-        kernels.fused_decode = original
+        for attn, _, fused in layers:
+            attn.fused_decode = fused
 
 
 @torch.no_grad()
-def unfused_fp32(attn, q_nope, q_rope, latent, k_rope, ids, gate_table) -> torch.Tensor:
+def unfused_fp32(attn, gate_table, q_nope, q_rope, latent, k_rope, ids) -> torch.Tensor:
     """The model's own unfused decode of one layer (expand, gate, normalise, SDPA) on the same inputs, in fp32."""
-    # The gate table (and the kernel's views of it) are not copied: the reference recomputes its gate.
-    rows, weights = attn.fused_gate_rows, attn.fused_weights
-    attn.fused_gate_rows, attn.fused_weights = None, None
+    # The fused decode (its gate table, its views of the weights) is not copied: the reference recomputes its gate.
+    fused, attn.fused_decode = attn.fused_decode, None
     try:
         ref = copy.deepcopy(attn).float()
     finally:
-        attn.fused_gate_rows, attn.fused_weights = rows, weights
+        attn.fused_decode = fused
     gate = ref.gate(torch.nn.functional.embedding(ids, gate_table.weight.float()))[0]
     y = ref._attend(
         q_nope[:, :, None].float(), q_rope[:, :, None].float(), *ref.expand(latent.float(), k_rope.float(), gate)
@@ -204,13 +209,13 @@ def check_fused(model, cache, next_ids: torch.Tensor, rows: int) -> tuple[float,
     context = cache.length
     view = cache_rows(cache, 0, rows)
     calls: list = []
-    with recording_fused_calls(calls):
+    with recording_fused_calls(model, calls):
         view.length = context
         fused = model(next_ids[:rows], view)
     with attention_set(model, "fused_decode", None):
         view.length = context
         unfused = model(next_ids[:rows], view)
-    kernel = max(relative_error(out, unfused_fp32(attn, *inputs)) for attn, inputs, out in calls)
+    kernel = max(relative_error(out, unfused_fp32(attn, table, *inputs)) for attn, table, inputs, out in calls)
     return kernel, relative_error(fused, unfused)
 
 
@@ -291,16 +296,17 @@ def bench_row(model, name: str, size: str, context: int, batch: int, args, devic
     }
 
 
-def build(size: str, name: str, max_len: int, overrides: list[str], device, dtype, backend: str):
+def build(size: str, name: str, max_len: int, overrides: list[str], device, dtype, backend: str,
+          launch: kernels.LaunchOptions):  # fmt: skip
     """The variant's model on the device; fused variants get the fused decode. Returns (model, row name)."""
     cfg = compose([f"model={size}", *VARIANTS[name], f"model.max_seq_len={max_len}", *overrides])
-    heads = kernels.OPTIONS["heads_per_program"]
+    heads = launch.heads_per_program
     if name in GATE_SOURCE and heads:  # refused before building and prefilling, not at the first decode step
         kernels.check_heads_per_program(heads, cfg.model.n_heads, f"--heads-per-program {heads}")
     torch.manual_seed(0)
     model = build_model(cfg).to(device=device, dtype=dtype).eval()
     if name in GATE_SOURCE:
-        used = kernels.enable_fused_decode(model, GATE_SOURCE[name], backend)
+        used = model.enable_fused_decode(GATE_SOURCE[name], backend, launch)
         if used == "reference":
             name += "_reference"  # the PyTorch algorithm, not the Triton kernel: never mistaken for it
     return model, name
@@ -308,7 +314,7 @@ def build(size: str, name: str, max_len: int, overrides: list[str], device, dtyp
 
 def describe(model, name: str) -> str:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    table = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("fused_gate_rows"))
+    table = sum(b.attn.fused_decode.table_bytes for b in model.blocks if getattr(b.attn, "fused_decode", None))
     extra = f", gate table {table / 2**30:.2f} GiB" if table else ""
     ids = accounting.id_bytes_per_token(model.cfg)
     kv = accounting.kv_bytes_per_token(model.cfg, model.embed.weight.element_size())
@@ -395,15 +401,17 @@ def run(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    kernels.OPTIONS.update(block_s=args.block_s or None, split_tokens=args.split_tokens or None,
-                           num_warps=args.num_warps or None, num_stages=args.num_stages or None,
-                           heads_per_program=args.heads_per_program or None)  # fmt: skip
+    launch = kernels.LaunchOptions(block_s=args.block_s or None, split_tokens=args.split_tokens or None,
+                                   num_warps=args.num_warps or None, num_stages=args.num_stages or None,
+                                   heads_per_program=args.heads_per_program or None)  # fmt: skip
     rows: list[dict] = []
     stamp = bench_stamp()
     try:
         names = expand_variants(args.variants, args.gate_source)
         for variant in names:
-            model, name = build(args.size, variant, max(args.context) + 1, args.set, device, dtype, args.fused_backend)
+            model, name = build(
+                args.size, variant, max(args.context) + 1, args.set, device, dtype, args.fused_backend, launch
+            )
             print(describe(model, name), flush=True)
             for context in args.context:
                 batches = [args.batch]

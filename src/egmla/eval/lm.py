@@ -40,7 +40,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm import tqdm
 
 from ..data.tokenizer import Tokenizer
-from ..model import ConfigError, Transformer
+from ..model import ConfigError, Transformer, sample_next_token
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,8 @@ class EgmlaLM(TemplateLM):
             logits = self._call(ids[:, :start], cache, last_only=True)[:, -1]
             for pos in range(start, total):
                 generating = prompt_lengths <= pos
-                token = torch.where(generating, _pick(logits, options.temperature, options.top_k), ids[:, pos])
+                picked = sample_next_token(logits, options.temperature, options.top_k)
+                token = torch.where(generating, picked, ids[:, pos])
                 ids[:, pos] = token
                 for i, (is_new, tok) in enumerate(zip(generating.tolist(), token.tolist(), strict=True)):
                     if is_new and not done[i]:
@@ -362,17 +363,6 @@ class _GenerationOptions:
                 "lower max_gen_toks (gen_kwargs or model_args)"
             )
         return cls(until, max_gen_toks, temperature, int(top_k) if top_k else None, max_length - max_gen_toks)
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    """Next token per row [B]: argmax at temperature 0 (as model.generate), else sampled (optionally top-k)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(-1)
 
 
 def _longest_first(request: Request) -> tuple[int, tuple[int, ...]]:

@@ -219,10 +219,10 @@ def default_split_tokens(batch: int, head_groups: int, s: int, block_s: int, dev
     return max(4 * block_s, min(cap, -(-s // splits)))
 
 
-# Launch defaults per gate source, the fastest of the launch sweeps (experiments/decode/kernel_costs.py; figures in
-# experiments/decode/README.md, "The kernel's costs, and what the restructure changed"): table rows in 64-token
-# tiles on 4 warps, 2 stages (4 warps win only together with the L2 hints); the embedding in 64-token tiles on
-# 4 warps, 1 stage, 512-token splits. One head per program: serving 2 or 4 was slower.
+# Launch defaults per gate source, the fastest of the launch sweeps (figures in experiments/decode/README.md,
+# "The kernel's costs, and what the restructure changed"): table rows in 64-token tiles on 4 warps, 2 stages
+# (4 warps win only together with the L2 hints); the embedding in 64-token tiles on 4 warps, 1 stage, 512-token
+# splits. One head per program: serving 2 or 4 was slower. LaunchOptions overrides any of them.
 LAUNCH = {
     "table": {"block_s": 64, "num_warps": 4, "num_stages": 2, "split_cap": 2048, "heads_per_program": 1},
     "embedding": {"block_s": 64, "num_warps": 4, "num_stages": 1, "split_cap": 512, "heads_per_program": 1},

@@ -28,13 +28,15 @@ class DecodeWeights:
     w_ukv [H, d_nope + d_v, d_c]: W_ukv per head. Gate source: either gate_rows [V, >= W] = act(W_ue E) for the
     whole vocabulary, or embedding [V, gate_dim] with w_ue [>= W, gate_dim] and the activation; W (the gate
     width) is H * (d_nope + d_v), per head [g_k; g_v], or H * d_nope when one gate is shared by K and V.
-    Norm: layernorm (weight and bias), rmsnorm (weight) or none, with eps; scale is the softmax scale.
+    Norm: layernorm (weight and bias), rmsnorm (weight) or none, with eps; scale is the softmax scale; d_rope
+    the RoPE key's width (the inputs carry it; the Triton backend checks it when it is set up).
     """
 
     w_ukv: torch.Tensor
     d_nope: int
     scale: float
     shared: bool = False
+    d_rope: int = 0
     gate_rows: torch.Tensor | None = None
     embedding: torch.Tensor | None = None
     w_ue: torch.Tensor | None = None
@@ -54,6 +56,10 @@ class DecodeWeights:
     def d_v(self) -> int:
         return self.w_ukv.shape[1] - self.d_nope
 
+    @property
+    def gate_width(self) -> int:
+        return self.n_heads * (self.d_nope if self.shared else self.d_nope + self.d_v)
+
 
 def split_layout(s: int, block_s: int, split_tokens: int | None) -> tuple[int, int]:
     """(tokens per split, number of splits): splits are whole tiles and none is empty; None: one split."""
@@ -67,13 +73,12 @@ def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def gate_tile(ids: torch.Tensor, w: DecodeWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Gates (g_k, g_v) [..., H, d] of the tokens `ids` [...], from the table or recomputed from E."""
-    per_head = w.d_nope if w.shared else w.d_nope + w.d_v
-    width = w.n_heads * per_head
+    width = w.gate_width
     if w.gate_rows is not None:
         g = w.gate_rows[ids].to(dtype)
     else:
         g = activate(w.embedding[ids].to(dtype) @ w.w_ue[:width].to(dtype).T, w.activation)
-    g = g[..., :width].unflatten(-1, (w.n_heads, per_head))
+    g = g[..., :width].unflatten(-1, (w.n_heads, -1))
     return (g, g) if w.shared else (g[..., : w.d_nope], g[..., w.d_nope :])
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import FALLBACK, DecodeWeights, FusedDecode, LaunchOptions
 from .cache import LayerCache
 from .config import ConfigError, ModelConfig
 from .layers import RMSNorm, Rotary
@@ -165,11 +166,7 @@ class LatentAttention(nn.Module):
             heads = self.n_heads if self.vector_norm else 1
             self.k_norm = _norm(a.gate_norm, heads * self.d_nope, cfg.norm_eps)
             self.v_norm = _norm(a.gate_norm, heads * self.d_v, cfg.norm_eps)
-        # Decode only (see enable_fused_decode): (gate source, backend), the per-vocabulary gate table and the
-        # weights as the kernel reads them (egmla.kernels.DecodeWeights, built once).
-        self.fused_decode: tuple[str, str] | None = None
-        self.fused_weights = None
-        self.register_buffer("fused_gate_rows", None, persistent=False)
+        self.fused_decode: FusedDecode | None = None  # decode only: see enable_fused_decode
 
     def cache_spec(self) -> dict[str, tuple[int, ...]]:
         return {"latent": (self.d_c,), "k_rope": (self.d_rope,)}
@@ -199,7 +196,7 @@ class LatentAttention(nn.Module):
         if cache is not None:
             latent, k_rope = cache.update(start, latent=latent, k_rope=k_rope)
             if self.fused_decode is not None and t == 1:
-                y = self._attend_fused(q_nope, q_rope, latent, k_rope, context_ids, gate_table)
+                y = self.fused_decode(q_nope[:, :, 0], q_rope[:, :, 0], latent, k_rope, context_ids)[:, :, None]
                 return self.wo(y.transpose(1, 2).reshape(b, t, -1))
             if self.gate_on == "content" and latent.shape[1] != t:
                 gate, _ = self.gate(gate_table(context_ids))  # recompute the gate for the whole context
@@ -258,30 +255,42 @@ class LatentAttention(nn.Module):
         )  # fmt: skip
         return k.view(b, s, self.n_heads, -1), v.view(b, s, self.n_heads, -1)
 
-    def _attend_fused(self, q_nope, q_rope, latent, k_rope, context_ids, gate_table):
-        """One new token per sequence, through egmla.kernels: K/V are expanded, gated and normalised on chip."""
-        from ..kernels import fused_decode
-
-        y = fused_decode(self, q_nope[:, :, 0], q_rope[:, :, 0], latent, k_rope, context_ids, gate_table)
-        return y[:, :, None]
+    def decode_weights(self, gate_table: nn.Embedding) -> DecodeWeights:
+        """This layer's weights as the fused decode reads them (views, no copies), with its gate table's rows;
+        a one-line ValueError for a layer the fused decode cannot serve."""
+        if self.gate_on != "content":
+            raise ValueError(f"the fused decode serves EG-MLA gating the K/V content only; {FALLBACK}")
+        if self.gate_combine != "multiply":
+            raise ValueError(f"the fused decode multiplies the gate; attention.gate_combine=add: {FALLBACK}")
+        if self.vector_norm:
+            raise ValueError(f"the fused decode norms per head; attention.gate_norm_scope=vector: {FALLBACK}")
+        norm = self.gate_norm
+        return DecodeWeights(
+            w_ukv=self.wkv_b.weight.view(self.n_heads, self.d_nope + self.d_v, self.d_c),
+            d_nope=self.d_nope,
+            scale=self.scale,
+            shared=self.gate_kv == "shared",
+            d_rope=self.d_rope,
+            embedding=gate_table.weight,
+            w_ue=self.gate.up.weight,
+            activation=self.gate.activation_kind,
+            norm=norm,
+            k_weight=None if norm == "none" else self.k_norm.weight,
+            k_bias=getattr(self.k_norm, "bias", None),
+            v_weight=None if norm == "none" else self.v_norm.weight,
+            v_bias=getattr(self.v_norm, "bias", None),
+            eps=getattr(self.k_norm, "eps", 0.0),
+        )
 
     def enable_fused_decode(self, gate_source: str | None, gate_table: nn.Embedding | None = None,
-                            backend: str = "reference") -> None:  # fmt: skip
+                            backend: str = "reference", launch: LaunchOptions | None = None) -> None:  # fmt: skip
         """Decode single tokens with the fused kernel (EG-MLA gating the content), or stop with None.
 
-        gate_source "table" builds G = act(W_ue E) for the whole vocabulary (a non-persistent buffer);
-        "embedding" recomputes the gate from E's rows in the kernel. Prefer egmla.kernels.enable_fused_decode,
-        which does every layer and picks the backend.
+        gate_source "table" builds G = act(W_ue E) for the whole vocabulary; "embedding" recomputes the gate from
+        E's rows in the kernel. Prefer Transformer.enable_fused_decode, which does every layer.
         """
-        from .. import kernels
-
-        if gate_source is None:
-            self.fused_decode, self.fused_gate_rows, self.fused_weights = None, None, None
-            return
-        kernels.check_supported(self, gate_source, backend)
-        self.fused_gate_rows = kernels.build_gate_rows(self, gate_table) if gate_source == "table" else None
-        self.fused_decode = (gate_source, backend)
-        self.fused_weights = kernels.decode_weights(self, gate_table)
+        weights = None if gate_source is None else self.decode_weights(gate_table)
+        self.fused_decode = None if weights is None else FusedDecode(weights, gate_source, backend, launch)
 
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope):
         """DeepSeek's decode: fold W_uk into the query and W_uv into the output; attend over the latent."""

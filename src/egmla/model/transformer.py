@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import build_attention
+from ..kernels import LaunchOptions
+from .attention import LatentAttention, build_attention
 from .cache import DecodeCache, LayerCache
 from .config import ModelConfig
 from .layers import RMSNorm, Rotary, SwiGLU
 from .loss import linear_cross_entropy, padded_vocab
+from .sampling import sample_next_token
 
 
 class Block(nn.Module):
@@ -108,6 +110,22 @@ class Transformer(nn.Module):
                                         compile=self.compile_loss)  # fmt: skip
         return self.output_head(self.norm(x[:, -1:] if last_only else x))
 
+    def enable_fused_decode(self, gate_source: str | None, backend: str = "auto",
+                            launch: LaunchOptions | None = None) -> str | None:  # fmt: skip
+        """Switch every EG-MLA layer to the fused decode (egmla.kernels; None switches back); returns the backend
+        used. Call it after moving the model to its device and dtype: the gate table is built where the weights are.
+        """
+        layers = [(i, b.attn) for i, b in enumerate(self.blocks) if isinstance(b.attn, LatentAttention)]
+        if gate_source is None:
+            for _, attn in layers:
+                attn.enable_fused_decode(None)
+            return None
+        if not layers:
+            raise ValueError("the fused decode serves EG-MLA gating the K/V content only; this model has no such layer")
+        for i, attn in layers:
+            attn.enable_fused_decode(gate_source, self.gate_table(i), backend, launch)
+        return layers[0][1].fused_decode.backend
+
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [..., vocab_size]. The weight gets zero rows for the matmul where padded_vocab says so (a large
         vocabulary, to a multiple of 64), sliced off after."""
@@ -139,18 +157,8 @@ class Transformer(nn.Module):
         logits = self(ids, cache, last_only=True)[:, -1]
         out = [ids]
         for step in range(max_new_tokens):
-            next_id = _sample(logits, temperature, top_k)
+            next_id = sample_next_token(logits, temperature, top_k)[:, None]
             out.append(next_id)
             if step + 1 < max_new_tokens:
                 logits = self(next_id, cache)[:, -1]
         return torch.cat(out, dim=1)
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
