@@ -180,15 +180,27 @@ def _grid(space: dict[str, list]) -> list[dict]:
 
 GRIDS = {  # knob values around each file's 120m defaults
     "egmla": {
-        "gate_enabled": [True, False], "gate_on": ["content", "latent"], "gate_activation": ["none", "sigmoid", "silu"],
-        "gate_norm": ["layernorm", "rmsnorm", "none"], "gate_kv": ["separate", "shared"],
-        "gate_rope_key": [False, True], "gate_group_size": [1, 2], "absorb": [False, True],
-        "q_lora_rank": [None, 32], "qk_rope_head_dim": [64, 32], "fused_expand": [False, True],
+        "gate_enabled": [True, False],
+        "gate_on": ["content", "latent"],
+        "gate_activation": ["none", "sigmoid", "silu"],
+        "gate_norm": ["layernorm", "rmsnorm", "none"],
+        "gate_kv": ["separate", "shared"],
+        "gate_rope_key": [False, True],
+        "gate_group_size": [1, 2],
+        "absorb": [False, True],
+        "q_lora_rank": [None, 32],
+        "qk_rope_head_dim": [64, 32],
+        "fused_expand": [False, True],
     },
-    "mla": {"q_lora_rank": [None, 64, 128], "absorb": [False, True], "qk_nope_head_dim": [64, 32],
-            "qk_rope_head_dim": [64, 32], "v_head_dim": [64, 128]},
+    "mla": {
+        "q_lora_rank": [None, 64, 128],
+        "absorb": [False, True],
+        "qk_nope_head_dim": [64, 32],
+        "qk_rope_head_dim": [64, 32],
+        "v_head_dim": [64, 128],
+    },
     "gqa": {"head_dim": [None, 32, 64]},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("attention", list(GRIDS))

@@ -67,8 +67,9 @@ def test_reference_tiles_and_splits_match_dense_attention(context, block_s, spli
     latent, k_rope = torch.randn(b, context, attn.d_c).double(), torch.randn(b, context, attn.d_rope).double()
     ids = torch.randint(0, 97, (b, context), dtype=torch.int32)
     expected = _dense_attention(attn, table, q_nope, q_rope, latent, k_rope, ids)
-    got = reference.decode_attention(q_nope, q_rope, latent, k_rope, ids, attn.fused_decode.weights,
-                                     block_s=block_s, split_tokens=split_tokens)  # fmt: skip
+    got = reference.decode_attention(
+        q_nope, q_rope, latent, k_rope, ids, attn.fused_decode.weights, block_s=block_s, split_tokens=split_tokens
+    )
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -117,7 +118,7 @@ def test_max_batch_in_budget_120m_at_16k():
     token (603,979,776 B per sequence: 71 fit); EG-MLA kv64 keeps 12 x (64 + 64) x 2 B of latent and RoPE key
     plus a 4 B token id = 3,076 B per token (50,397,184 B: 852 fit); MLA kv256 7,680 B (125,829,120 B: 341)."""
 
-    def fits(*overrides):  # fmt: skip
+    def fits(*overrides):
         return bench.max_batch_in_budget(model_config(compose(["model=120m", *overrides])), 16384, 40.0)
 
     assert fits("attention=mha") == 71
@@ -133,14 +134,35 @@ def test_expand_variants():
     assert bench.expand_variants(["egmla_fused"], "table") == ["egmla_fused"]
 
 
-TINY = ["--size", "tiny", "--set", "model.vocab_size=257", "model.n_layers=2", "--batch", "2", "--steps", "1",
-        "--warmup", "0", "--prefill-chunk", "16", "--block-s", "8"]  # fmt: skip
+TINY = [
+    "--size",
+    "tiny",
+    "--set",
+    "model.vocab_size=257",
+    "model.n_layers=2",
+    "--batch",
+    "2",
+    "--steps",
+    "1",
+    "--warmup",
+    "0",
+    "--prefill-chunk",
+    "16",
+    "--block-s",
+    "8",
+]
 # KV bytes per token of the tiny model (2 layers, d_model 128, 4 heads; MLA kv 64, EG-MLA kv 16, RoPE 16),
 # in fp32 (the CPU benchmark's dtype), by hand from the table in docs/paper.md.
-TINY_KV_BYTES = {"mha": 2 * 2 * 128 * 4, "gqa": 2 * 2 * 2 * 32 * 4, "mqa": 2 * 2 * 32 * 4,
-                 "mla_absorbed": 2 * (64 + 16) * 4, "egmla_latent_absorbed": 2 * (16 + 16) * 4,
-                 "egmla": 2 * (16 + 16) * 4, "egmla_fused_reference": 2 * (16 + 16) * 4,
-                 "egmla_fused_emb_reference": 2 * (16 + 16) * 4}  # fmt: skip
+TINY_KV_BYTES = {
+    "mha": 2 * 2 * 128 * 4,
+    "gqa": 2 * 2 * 2 * 32 * 4,
+    "mqa": 2 * 2 * 32 * 4,
+    "mla_absorbed": 2 * (64 + 16) * 4,
+    "egmla_latent_absorbed": 2 * (16 + 16) * 4,
+    "egmla": 2 * (16 + 16) * 4,
+    "egmla_fused_reference": 2 * (16 + 16) * 4,
+    "egmla_fused_emb_reference": 2 * (16 + 16) * 4,
+}
 
 
 def _rows(path):
@@ -153,16 +175,44 @@ def test_bench_decode_rows_every_variant(tmp_path, capsys):
     """Context 21 (prefill chunks of 16 + 5), a CPU run of every variant; at 0.01 GiB the budget fits 1,342
     sequences of 21 tokens of MHA's 4,096 B (and 10,000+ of EG-MLA), so the max-batch run is capped at 3."""
     out = tmp_path / "decode.csv"
-    argv = ["decode", *TINY, "--context", "21", "--budget-gib", "0.01", "--max-batch-run", "3",
-            "--variants", *bench.DEFAULT_VARIANTS, "--csv", str(out)]  # fmt: skip
+    argv = [
+        "decode",
+        *TINY,
+        "--context",
+        "21",
+        "--budget-gib",
+        "0.01",
+        "--max-batch-run",
+        "3",
+        "--variants",
+        *bench.DEFAULT_VARIANTS,
+        "--csv",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "the fused kernel matches the unfused path" in printed and "x MHA" in printed
     columns, rows = _rows(out)
-    assert columns == bench.CSV_COLUMNS == [
-        "variant", "size", "context", "batch", "card", "cache_bytes_measured", "cache_bytes_analytic", "step_ms",
-        "tok_per_s", "max_batch_in_budget", "budget_gib", "us_per_seq_layer", "date", "commit",
-    ]  # fmt: skip
+    assert (
+        columns
+        == bench.CSV_COLUMNS
+        == [
+            "variant",
+            "size",
+            "context",
+            "batch",
+            "card",
+            "cache_bytes_measured",
+            "cache_bytes_analytic",
+            "step_ms",
+            "tok_per_s",
+            "max_batch_in_budget",
+            "budget_gib",
+            "us_per_seq_layer",
+            "date",
+            "commit",
+        ]
+    )
     assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for v in TINY_KV_BYTES for b in ("2", "3")]
     for r in rows:
         batch, step_ms = int(r["batch"]), float(r["step_ms"])
@@ -170,8 +220,9 @@ def test_bench_decode_rows_every_variant(tmp_path, capsys):
         assert int(r["cache_bytes_measured"]) == int(r["cache_bytes_analytic"]) == expected
         assert float(r["us_per_seq_layer"]) == pytest.approx(step_ms * 1e3 / (batch * 2))
         assert float(r["tok_per_s"]) == pytest.approx(batch * 1e3 / step_ms)
-        per_sequence = 21 * (TINY_KV_BYTES[r["variant"]] + (4 if "egmla_f" in r["variant"] or r["variant"] == "egmla"
-                                                            else 0))  # fmt: skip
+        per_sequence = 21 * (
+            TINY_KV_BYTES[r["variant"]] + (4 if "egmla_f" in r["variant"] or r["variant"] == "egmla" else 0)
+        )
         assert int(r["max_batch_in_budget"]) == int(0.01 * 2**30) // per_sequence
         assert r["card"] == "cpu" and r["size"] == "tiny" and r["budget_gib"] == "0.01"
 
@@ -188,8 +239,19 @@ def test_bench_refuses_a_fused_result_that_does_not_match(tmp_path, monkeypatch,
 
 def test_bench_refuses_heads_per_program_that_does_not_divide_the_heads(tmp_path, capsys):
     out = tmp_path / "decode.csv"
-    argv = ["decode", *TINY, "--context", "12", "--variants", "mha", "egmla_fused", "--heads-per-program", "3",
-            "--csv", str(out)]  # fmt: skip
+    argv = [
+        "decode",
+        *TINY,
+        "--context",
+        "12",
+        "--variants",
+        "mha",
+        "egmla_fused",
+        "--heads-per-program",
+        "3",
+        "--csv",
+        str(out),
+    ]
     assert main(argv) == 2
     assert "--heads-per-program 3 must be a power of two dividing the model's 4 heads" in capsys.readouterr().err
     assert out.read_text().count("\n") == 2  # header and the mha row measured before the refusal are kept
@@ -229,7 +291,7 @@ for variant in ({"variant": "egmla"}, {"variant": "egmla", "gate_kv": "shared", 
             want = reference.decode_attention(*args).double()
             for block_s, split, heads in ((None, None, None), (16, None, 1), (16, 16, 2), (32, 64, 4)):
                 got = egmla_decode.decode_attention(*args, block_s=block_s, split_tokens=split,
-                                                    heads_per_program=heads).double()  # fmt: skip
+                                                    heads_per_program=heads).double()
                 error = ((got - want).norm() / want.norm()).item()
                 assert error < tolerance, (variant, dtype, source, block_s, split, heads, error)
 try:
@@ -261,8 +323,19 @@ def test_zipf_ids_are_text_like_and_in_range():
 
 def test_bench_decode_with_zipf_ids(tmp_path):
     out = tmp_path / "decode.csv"
-    argv = ["decode", *TINY, "--context", "21", "--ids", "zipf", "--variants", "egmla", "egmla_fused",
-            "--csv", str(out)]  # fmt: skip
+    argv = [
+        "decode",
+        *TINY,
+        "--context",
+        "21",
+        "--ids",
+        "zipf",
+        "--variants",
+        "egmla",
+        "egmla_fused",
+        "--csv",
+        str(out),
+    ]
     assert main(argv) == 0
     _, rows = _rows(out)
     assert [r["variant"] for r in rows] == ["egmla", "egmla_fused_reference", "egmla_fused_emb_reference"]

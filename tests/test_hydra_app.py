@@ -23,8 +23,9 @@ def egmla_train(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Co
     """The console script's entry point in a fresh process, started in `cwd`."""
     env = offline_env()
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + ":" + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", CLI, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_multirun_trains_each_job_into_its_own_run_dir(corpus, tmp_path):
@@ -98,7 +99,9 @@ def test_multirun_reports_a_failed_job_and_runs_the_next(tmp_path):
         "egmla-train: job 1: optim.lr=-2 run_dir=" + str(tmp_path / "run"),
     ]
     assert [line.split(" is invalid")[0] for line in done.stderr.strip().splitlines()] == [
-        "egmla-train: error: optim.lr=-1", "egmla-train: error: optim.lr=-2"]  # fmt: skip
+        "egmla-train: error: optim.lr=-1",
+        "egmla-train: error: optim.lr=-2",
+    ]
     assert {p.name for p in tmp_path.iterdir()} == {"multirun"}
 
 

@@ -19,8 +19,9 @@ def imported(source: str, module: str, is_package: bool = False) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = ".".join([*package[: len(package) - node.level + 1], node.module or ""] if node.level
-                            else [node.module]).strip(".")  # fmt: skip
+            base = ".".join(
+                [*package[: len(package) - node.level + 1], node.module or ""] if node.level else [node.module]
+            ).strip(".")
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
@@ -53,13 +54,17 @@ def test_the_model_imports_the_kernels():
 def test_the_check_sees_function_local_and_relative_imports():
     lazy = "import torch\ndef f():\n    from ..model.config import is_power_of_two\n    return is_power_of_two\n"
     assert outside(imported(lazy, "egmla.kernels.egmla_decode"), "egmla.kernels") == {
-        "egmla.model.config", "egmla.model.config.is_power_of_two"
-    }  # fmt: skip
+        "egmla.model.config",
+        "egmla.model.config.is_power_of_two",
+    }
     assert outside(imported("from .. import model", "egmla.kernels", is_package=True), "egmla.kernels") == {
-        "egmla", "egmla.model"
-    }  # fmt: skip
+        "egmla",
+        "egmla.model",
+    }
     assert outside(imported("import egmla.model.attention", "egmla.kernels.x"), "egmla.kernels") == {
         "egmla.model.attention"
-    }  # fmt: skip
-    assert not outside(imported("from . import reference\nfrom .reference import activate", "egmla.kernels",
-                                is_package=True), "egmla.kernels")  # fmt: skip
+    }
+    assert not outside(
+        imported("from . import reference\nfrom .reference import activate", "egmla.kernels", is_package=True),
+        "egmla.kernels",
+    )

@@ -10,8 +10,13 @@ from egmla.kv_report import expand_sweep, main
 def test_paper_table_prints_the_papers_kv_column(capsys):
     assert main(["--paper"]) == 0
     out = capsys.readouterr().out
-    for label, kv in [("MHA", "18,432"), ("MLA-Base", "3,840"), ("EG-MLA kv256", "3,840"),
-                      ("EG-MLA kv64", "1,536"), ("EG-MLA kv16", "960")]:  # fmt: skip
+    for label, kv in [
+        ("MHA", "18,432"),
+        ("MLA-Base", "3,840"),
+        ("EG-MLA kv256", "3,840"),
+        ("EG-MLA kv64", "1,536"),
+        ("EG-MLA kv16", "960"),
+    ]:
         line = next(line for line in out.splitlines() if line.startswith(label))
         assert f" {kv} (" in line and "yes" in line, line
     assert "NO" not in out

@@ -38,11 +38,23 @@ def test_small_study_targets_run_sweep_eval_and_table_offline(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "egmla-bench").write_text("#!/bin/sh\n")
     (bin_dir / "egmla-bench").chmod(0o755)
-    targets = [("reproduce-table1-small", "table1_small"), ("reproduce-gate-dim-small", "gate_dim_small"),
-               ("reproduce-scaling-small", "scaling_small")]  # fmt: skip
+    targets = [
+        ("reproduce-table1-small", "table1_small"),
+        ("reproduce-gate-dim-small", "gate_dim_small"),
+        ("reproduce-scaling-small", "scaling_small"),
+    ]
     for target, sweep in targets:
-        planned = make("-n", "-W", "data/code/fingerprint.json", "-W", "data/eval/tasks", target, f"BIN={bin_dir}",
-                       "SWEEP_BUDGET=500", "SMALL_EVAL_LIMIT=100").stdout  # fmt: skip
+        planned = make(
+            "-n",
+            "-W",
+            "data/code/fingerprint.json",
+            "-W",
+            "data/eval/tasks",
+            target,
+            f"BIN={bin_dir}",
+            "SWEEP_BUDGET=500",
+            "SMALL_EVAL_LIMIT=100",
+        ).stdout
         assert f"HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {bin_dir}/egmla-sweep sweeps/{sweep}.yaml" in planned
         assert f"--out runs/sweeps/{sweep} --time-budget 500" in planned
         evaluation = f"{bin_dir}/egmla-eval checkpoint={{run_dir}} eval=offline eval.limit=100 eval.batch_size=128"

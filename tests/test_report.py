@@ -268,9 +268,11 @@ def normed_runs(tmp_path):
     root = tmp_path / "runs"
     config = {"tasks": ["piqa", "winogrande"], "average": ["piqa", "winogrande"], "metric": "acc_norm"}
     splits = {"piqa": "validation", "winogrande": "validation"}  # lm-eval's stock splits: no note
-    for name, variant, kv, scores in (("egmla64", "egmla", 64, suite(0.50, 0.40, 0.40)),
-                                      ("mla", "mla", 256, suite(0.48, 0.52, 0.40)),
-                                      ("mha", "mha", None, suite(0.55, 0.55, 0.45))):  # fmt: skip
+    for name, variant, kv, scores in (
+        ("egmla64", "egmla", 64, suite(0.50, 0.40, 0.40)),
+        ("mla", "mla", 256, suite(0.48, 0.52, 0.40)),
+        ("mha", "mha", None, suite(0.55, 0.55, 0.45)),
+    ):
         run = write_run(root, name, "120m", variant, kv, 256 if variant == "egmla" else None)
         avg = (scores["piqa"]["acc"] + scores["winogrande"]["acc"]) / 2
         avg_norm = (scores["piqa"]["acc_norm"] + scores["winogrande"]["acc"]) / 2
@@ -300,8 +302,15 @@ def test_headline_acc_norm_leads_the_table_the_plot_and_the_front(normed_runs, t
     assert {r: by[r]["pareto_acc_vs_kv"] for r in by} == {"egmla64": "True", "mla": "False", "mha": "True"}
 
 
-OFFLINE_7 = ["piqa_offline", "arc_easy_offline", "arc_challenge_offline", "hellaswag_offline", "winogrande_offline",
-             "social_iqa_offline", "mmlu_offline"]  # fmt: skip
+OFFLINE_7 = [
+    "piqa_offline",
+    "arc_easy_offline",
+    "arc_challenge_offline",
+    "hellaswag_offline",
+    "winogrande_offline",
+    "social_iqa_offline",
+    "mmlu_offline",
+]
 
 
 def test_older_offline_results_table_with_both_averages_and_name_the_arc_split(normed_runs, tmp_path):
@@ -311,8 +320,13 @@ def test_older_offline_results_table_with_both_averages_and_name_the_arc_split(n
     normed = {"piqa_offline": 0.53, "arc_easy_offline": 0.30, "arc_challenge_offline": 0.25, "hellaswag_offline": 0.26}
     scores = {t: {"acc": a} | ({"acc_norm": normed[t]} if t in normed else {}) for t, a in accs.items()}
     scores["lambada_openai_offline"] = {"acc": 0.0, "perplexity": 1e6}
-    config = {"name": "offline", "tasks": [*OFFLINE_7, "lambada_openai_offline"], "average": OFFLINE_7, "limit": 100,
-              "metrics": {t: "acc" for t in [*OFFLINE_7, "lambada_openai_offline"]}}  # fmt: skip
+    config = {
+        "name": "offline",
+        "tasks": [*OFFLINE_7, "lambada_openai_offline"],
+        "average": OFFLINE_7,
+        "limit": 100,
+        "metrics": {t: "acc" for t in [*OFFLINE_7, "lambada_openai_offline"]},
+    }
     old = write_run(normed_runs, "old-tiny", "tiny", "egmla", 16, 32)
     with_eval(old, scores, config, avg_acc=0.3303)
     out = tmp_path / "table"
@@ -340,9 +354,11 @@ def stderr_runs(tmp_path) -> Path:
     error is exact by hand: sqrt(0.03^2 + 0.04^2) / 2 = 0.025 and sqrt(0.05^2 + 0.12^2) / 2 = 0.065."""
     root = tmp_path / "runs"
     config = {"tasks": ["piqa", "winogrande"], "average": ["piqa", "winogrande"], "metric": "acc", "limit": 200}
-    for name, variant, kv, (piqa, wino) in (("egmla64", "egmla", 64, ((0.50, 0.03), (0.40, 0.04))),
-                                            ("mla", "mla", 256, ((0.60, 0.05), (0.30, 0.12))),
-                                            ("mha", "mha", None, ((0.55, 0.03), (0.45, None)))):  # fmt: skip
+    for name, variant, kv, (piqa, wino) in (
+        ("egmla64", "egmla", 64, ((0.50, 0.03), (0.40, 0.04))),
+        ("mla", "mla", 256, ((0.60, 0.05), (0.30, 0.12))),
+        ("mha", "mha", None, ((0.55, 0.03), (0.45, None))),
+    ):
         run = write_run(root, name, "120m", variant, kv, 256 if variant == "egmla" else None)
         scores = {"piqa": {"acc": piqa[0], "acc_stderr": piqa[1]}, "winogrande": {"acc": wino[0]}}
         if wino[1] is not None:
@@ -376,8 +392,12 @@ def test_accuracy_plot_has_standard_error_bars_the_subset_caveat_and_only_drawn_
     fig = figure_vs_kv(runs, values, front, "acc", "t", errors, note)
     ax = fig.axes[0]
     assert "eval.limit=200 examples per task" in fig.texts[0].get_text() and "not the full splits" in note
-    bars = sorted([float(x) for point in seg for x in point] for c in ax.collections
-                  if isinstance(c, LineCollection) for seg in c.get_segments())  # fmt: skip
+    bars = sorted(
+        [float(x) for point in seg for x in point]
+        for c in ax.collections
+        if isinstance(c, LineCollection)
+        for seg in c.get_segments()
+    )
     kv = {r.row["run"]: r.row["kv_bytes_per_token"] for r in runs}  # each bar: (kv, value - se) to (kv, value + se)
     expected = sorted([[kv["egmla64"], 42.5, kv["egmla64"], 47.5], [kv["mla"], 38.5, kv["mla"], 51.5]])
     assert len(bars) == 2 and all(b == pytest.approx(e) for b, e in zip(bars, expected, strict=True))

@@ -93,8 +93,17 @@ VALUE_TAGS: dict[str, dict[Any, str]] = {
     "gate_norm_scope": {"vector": "vecnorm", "head": "headnorm"},
     "absorb": {True: "abs", False: "noabs"},
 }
-INT_TAGS = {"q_lora_rank": "q", "gate_group_size": "grp", "kv_lora_rank": "kv", "gate_dim": "g", "n_kv_heads": "kvh",
-            "head_dim": "hd", "qk_nope_head_dim": "nope", "qk_rope_head_dim": "rope", "v_head_dim": "v"}  # fmt: skip
+INT_TAGS = {
+    "q_lora_rank": "q",
+    "gate_group_size": "grp",
+    "kv_lora_rank": "kv",
+    "gate_dim": "g",
+    "n_kv_heads": "kvh",
+    "head_dim": "hd",
+    "qk_nope_head_dim": "nope",
+    "qk_rope_head_dim": "rope",
+    "v_head_dim": "v",
+}
 
 
 def knob_tag(key: str, value: Any) -> str:
@@ -124,8 +133,11 @@ def _tag_attention_name(cfg: DictConfig, file: dict | None) -> None:
     defaults = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # cfg's model, data, ... for interpolations
     defaults.attention = file
     shown = re.findall(r"\$\{\.(\w+)\}", str(file["name"]))
-    tags = attention_name_tags(OmegaConf.to_container(cfg.attention, resolve=True),
-                               OmegaConf.to_container(defaults.attention, resolve=True), shown)  # fmt: skip
+    tags = attention_name_tags(
+        OmegaConf.to_container(cfg.attention, resolve=True),
+        OmegaConf.to_container(defaults.attention, resolve=True),
+        shown,
+    )
     if tags:
         cfg.attention.name = "-".join([cfg.attention.name, *tags])
 

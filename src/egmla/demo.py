@@ -20,8 +20,15 @@ VARIANTS = ("mha", "gqa", "mqa", "mla", "egmla")
 
 def run_variant(variant: str, root: Path, extra: list[str]) -> dict:
     run_dir = root / variant
-    cmd = [sys.executable, "-m", "egmla.train", "experiment=demo_tiny", f"attention={variant}",
-           f"run_dir={run_dir}", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "egmla.train",
+        "experiment=demo_tiny",
+        f"attention={variant}",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
     print(f"\n=== {variant}: {' '.join(cmd[2:])}", flush=True)
     start = time.perf_counter()
     if subprocess.run(cmd).returncode != 0:
@@ -60,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root or Path("runs/demo_tiny") / datetime.now().strftime("%Y%m%d-%H%M%S")
     start = time.perf_counter()
     rows = [run_variant(v, root, args.overrides) for v in args.variants]
-    print(f"\nDemo: tiny model ({rows[0]['train']['steps']} steps, {rows[0]['train']['tokens']:,} tokens each), "
-          f"embedded corpus, CPU; runs under {root}\n")  # fmt: skip
+    print(
+        f"\nDemo: tiny model ({rows[0]['train']['steps']} steps, {rows[0]['train']['tokens']:,} tokens each), "
+        f"embedded corpus, CPU; runs under {root}\n"
+    )
     print(table(rows))
     print(f"\nTotal wall time: {time.perf_counter() - start:.0f} s")
     return 0

@@ -553,8 +553,10 @@ def split_notes(runs: Sequence[Run]) -> list[str]:
         size, stock_size = SPLIT_SIZES.get((task, split)), SPLIT_SIZES.get((task, stock))
         sized = f"{split} split ({size:,})" if size else f"{split} split"
         stock_sized = f"{stock} split ({stock_size:,})" if stock_size else f"{stock} split"
-        lines.append(f"Split: {task} scored on its {sized}, not the stock {stock_sized}, in {n} of {len(evaluated)} "
-                     "evaluated runs.")  # fmt: skip
+        lines.append(
+            f"Split: {task} scored on its {sized}, not the stock {stock_sized}, in {n} of {len(evaluated)} "
+            "evaluated runs."
+        )
     return lines
 
 
@@ -720,8 +722,10 @@ def write_latex(path: Path, title: str, runs: Sequence[Run], front: list[bool]) 
 def accuracy_points(runs: Sequence[Run]) -> tuple[list[float | None], list[float | None]]:
     """The plotted headline averages and their error bars (+-1 standard error), in percent; None where missing."""
     values = [None if r.row["avg"] is None else 100 * r.row["avg"] for r in runs]
-    errors = [None if v is None or r.row["avg_stderr"] is None else 100 * r.row["avg_stderr"]
-              for r, v in zip(runs, values, strict=True)]  # fmt: skip
+    errors = [
+        None if v is None or r.row["avg_stderr"] is None else 100 * r.row["avg_stderr"]
+        for r, v in zip(runs, values, strict=True)
+    ]
     return values, errors
 
 
@@ -862,9 +866,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories, or folders searched recursively for results.json")
     parser.add_argument("--out", type=Path, required=True, help="folder for table.md, results.csv, table.tex, PNGs")
     parser.add_argument("--title", default=None, help="table title (default: the runs' experiment names)")
-    parser.add_argument("--metric", choices=sorted(AVERAGES), default=None,
-                        help="headline accuracy: acc, or acc_norm where the task defines it (default: the runs' "
-                        "eval.metric)")  # fmt: skip
+    parser.add_argument(
+        "--metric",
+        choices=sorted(AVERAGES),
+        default=None,
+        help="headline accuracy: acc, or acc_norm where the task defines it (default: the runs' eval.metric)",
+    )
     args = parser.parse_args(argv)
     try:
         runs = collect(args.runs, args.metric)

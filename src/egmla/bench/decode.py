@@ -40,9 +40,22 @@ from ..model import ConfigError
 from ..train.rundir import append_csv, bench_stamp
 from .timing import cuda_milliseconds
 
-CSV_COLUMNS = ["variant", "size", "context", "batch", "card", "cache_bytes_measured", "cache_bytes_analytic",
-               "step_ms", "tok_per_s", "max_batch_in_budget", "budget_gib", "us_per_seq_layer", "date",
-               "commit"]  # fmt: skip
+CSV_COLUMNS = [
+    "variant",
+    "size",
+    "context",
+    "batch",
+    "card",
+    "cache_bytes_measured",
+    "cache_bytes_analytic",
+    "step_ms",
+    "tok_per_s",
+    "max_batch_in_budget",
+    "budget_gib",
+    "us_per_seq_layer",
+    "date",
+    "commit",
+]
 VARIANTS = {
     "mha": ["attention=mha"],
     "gqa": ["attention=gqa"],
@@ -125,8 +138,9 @@ def attention_set(model, name: str, value):
 ID_DISTRIBUTIONS = ("uniform", "zipf")
 
 
-def sample_ids(vocab: int, shape: tuple[int, ...], distribution: str, generator: torch.Generator,
-               device) -> torch.Tensor:  # fmt: skip
+def sample_ids(
+    vocab: int, shape: tuple[int, ...], distribution: str, generator: torch.Generator, device
+) -> torch.Tensor:
     """Random token ids [shape]: uniform over the vocabulary (every gate-table row as likely: the fused kernel's
     worst case), or Zipf, P(id) proportional to 1 / (id + 1) (text-like: a few frequent tokens whose gate rows
     can stay in L2; GPT-2's ids roughly follow merge frequency, so low ids are the frequent ones)."""
@@ -138,8 +152,15 @@ def sample_ids(vocab: int, shape: tuple[int, ...], distribution: str, generator:
 
 
 @torch.no_grad()
-def prefill(model, cache, context: int, rows_per_pass: int, chunk: int, generator: torch.Generator,
-            ids_distribution: str = "uniform") -> None:  # fmt: skip
+def prefill(
+    model,
+    cache,
+    context: int,
+    rows_per_pass: int,
+    chunk: int,
+    generator: torch.Generator,
+    ids_distribution: str = "uniform",
+) -> None:
     """Fill the cache with `context` random tokens per sequence by running the model over them for real.
 
     Absorbed variants prefill through the expanded path: the cache holds the same latent and RoPE key either
@@ -161,8 +182,11 @@ def prefill(model, cache, context: int, rows_per_pass: int, chunk: int, generato
 @contextmanager
 def recording_fused_calls(model, calls: list):
     """Record (attention, its gate table, inputs, output) of every fused-kernel call made inside the block."""
-    layers = [(b.attn, model.gate_table(i), b.attn.fused_decode) for i, b in enumerate(model.blocks)
-              if getattr(b.attn, "fused_decode", None) is not None]  # fmt: skip
+    layers = [
+        (b.attn, model.gate_table(i), b.attn.fused_decode)
+        for i, b in enumerate(model.blocks)
+        if getattr(b.attn, "fused_decode", None) is not None
+    ]
 
     def recorder(attn, gate_table, fused):
         def record(*inputs):
@@ -296,8 +320,9 @@ def bench_row(model, name: str, size: str, context: int, batch: int, args, devic
     }
 
 
-def build(size: str, name: str, max_len: int, overrides: list[str], device, dtype, backend: str,
-          launch: kernels.LaunchOptions):  # fmt: skip
+def build(
+    size: str, name: str, max_len: int, overrides: list[str], device, dtype, backend: str, launch: kernels.LaunchOptions
+):
     """The variant's model on the device; fused variants get the fused decode. Returns (model, row name)."""
     cfg = compose([f"model={size}", *VARIANTS[name], f"model.max_seq_len={max_len}", *overrides])
     heads = launch.heads_per_program
@@ -324,33 +349,46 @@ def describe(model, name: str) -> str:
 # --- report -----------------------------------------------------------------------------------------------
 def format_table(rows: list[dict]) -> str:
     """One line per row; ratios against MHA's row at the same context and batch kind (timed or largest)."""
-    head = (f"{'variant':<26} {'ctx':>6} {'batch':>6} {'cache MiB':>10} {'step ms':>9} {'tok/s':>10} {'x MHA':>6} "
-            f"{'us/seq/layer':>12} {'x MHA':>6} {'max batch':>9} {'x MHA':>6}")  # fmt: skip
+    head = (
+        f"{'variant':<26} {'ctx':>6} {'batch':>6} {'cache MiB':>10} {'step ms':>9} {'tok/s':>10} {'x MHA':>6} "
+        f"{'us/seq/layer':>12} {'x MHA':>6} {'max batch':>9} {'x MHA':>6}"
+    )
     lines = [head]
     for r in rows:
-        base = next((b for b in rows if b["variant"] == "mha" and b["context"] == r["context"]
-                     and b["at_max"] == r["at_max"]), None)  # fmt: skip
+        base = next(
+            (b for b in rows if b["variant"] == "mha" and b["context"] == r["context"] and b["at_max"] == r["at_max"]),
+            None,
+        )
 
         def ratio(key, r=r, base=base):
             return f"{r[key] / base[key]:.2f}" if base and base[key] else "-"
 
-        lines.append(f"{r['variant']:<26} {r['context']:>6} {r['batch']:>6} {r['cache_bytes_measured'] / 2**20:>10.1f} "
-                     f"{r['step_ms']:>9.3f} {r['tok_per_s']:>10,.0f} {ratio('tok_per_s'):>6} "
-                     f"{r['us_per_seq_layer']:>12.2f} {ratio('us_per_seq_layer'):>6} {r['max_batch_in_budget']:>9} "
-                     f"{ratio('max_batch_in_budget'):>6}")  # fmt: skip
+        lines.append(
+            f"{r['variant']:<26} {r['context']:>6} {r['batch']:>6} {r['cache_bytes_measured'] / 2**20:>10.1f} "
+            f"{r['step_ms']:>9.3f} {r['tok_per_s']:>10,.0f} {ratio('tok_per_s'):>6} "
+            f"{r['us_per_seq_layer']:>12.2f} {ratio('us_per_seq_layer'):>6} {r['max_batch_in_budget']:>9} "
+            f"{ratio('max_batch_in_budget'):>6}"
+        )
     return "\n".join(lines)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("decode", help="decode-step latency, cache bytes and batch in a memory budget per variant",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    p = sub.add_parser(
+        "decode",
+        help="decode-step latency, cache bytes and batch in a memory budget per variant",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--size", default="120m", help="model size (conf/model/*.yaml)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help=f"some of {', '.join(VARIANTS)}")
     p.add_argument("--context", nargs="+", type=int, default=[1024, 4096, 16384, 32768], help="context lengths")
     p.add_argument("--batch", type=int, default=32, help="the timed batch")
-    p.add_argument("--budget-gib", type=float, default=40.0,
-                   help="memory budget for what each sequence keeps: KV cache tensors + kept token ids (EG-MLA "
-                        "gating the content); weights and the fused gate table are reported apart")  # fmt: skip
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        default=40.0,
+        help="memory budget for what each sequence keeps: KV cache tensors + kept token ids (EG-MLA "
+        "gating the content); weights and the fused gate table are reported apart",
+    )
     p.add_argument(
         "--max-batch-run",
         type=int,
@@ -382,16 +420,26 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill-rows", type=int, default=8, help="sequences per prefill pass")
     p.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill forward")
     p.add_argument("--check-rows", type=int, default=8, help="sequences compared against the unfused path")
-    p.add_argument("--block-s", type=int, default=0,
-                   help="fused kernel: context tokens per tile (0: by gate source, 64 for both)")  # fmt: skip
+    p.add_argument(
+        "--block-s", type=int, default=0, help="fused kernel: context tokens per tile (0: by gate source, 64 for both)"
+    )
     p.add_argument("--split-tokens", type=int, default=0, help="fused kernel: tokens per split (0: heuristic)")
-    p.add_argument("--num-warps", type=int, default=0,
-                   help="fused kernel: warps per program (0: 4, for both gate sources)")  # fmt: skip
-    p.add_argument("--num-stages", type=int, default=0,
-                   help="fused kernel: software pipeline stages (0: by gate source: 2 table, 1 embedding)")  # fmt: skip
-    p.add_argument("--heads-per-program", type=int, default=0,
-                   help="fused kernel: adjacent heads one program serves, sharing its latent and gate-row loads "
-                        "(0: by gate source)")  # fmt: skip
+    p.add_argument(
+        "--num-warps", type=int, default=0, help="fused kernel: warps per program (0: 4, for both gate sources)"
+    )
+    p.add_argument(
+        "--num-stages",
+        type=int,
+        default=0,
+        help="fused kernel: software pipeline stages (0: by gate source: 2 table, 1 embedding)",
+    )
+    p.add_argument(
+        "--heads-per-program",
+        type=int,
+        default=0,
+        help="fused kernel: adjacent heads one program serves, sharing its latent and gate-row loads "
+        "(0: by gate source)",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
     p.add_argument("--csv", type=Path, default=None, help="append rows to this CSV file")
     p.set_defaults(run=run)
@@ -401,9 +449,13 @@ def run(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    launch = kernels.LaunchOptions(block_s=args.block_s or None, split_tokens=args.split_tokens or None,
-                                   num_warps=args.num_warps or None, num_stages=args.num_stages or None,
-                                   heads_per_program=args.heads_per_program or None)  # fmt: skip
+    launch = kernels.LaunchOptions(
+        block_s=args.block_s or None,
+        split_tokens=args.split_tokens or None,
+        num_warps=args.num_warps or None,
+        num_stages=args.num_stages or None,
+        heads_per_program=args.heads_per_program or None,
+    )
     rows: list[dict] = []
     stamp = bench_stamp()
     try:

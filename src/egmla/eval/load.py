@@ -123,8 +123,11 @@ def _check_same_model(ckpt: dict[str, Any], mcfg: ModelConfig, ckpt_path: Path, 
     saved = ckpt.get("egmla_model_config")
     if saved is None or saved == asdict(mcfg):
         return
-    diffs = [f"{key}: checkpoint {saved.get(key)!r}, config.yaml {value!r}"
-             for key, value in asdict(mcfg).items() if saved.get(key) != value]  # fmt: skip
+    diffs = [
+        f"{key}: checkpoint {saved.get(key)!r}, config.yaml {value!r}"
+        for key, value in asdict(mcfg).items()
+        if saved.get(key) != value
+    ]
     raise ConfigError(
         f"checkpoint {ckpt_path} was trained with another model than {run_dir / 'config.yaml'} describes "
         f"({'; '.join(diffs[:3])}): evaluate the checkpoint with its own run directory"

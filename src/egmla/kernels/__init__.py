@@ -70,8 +70,12 @@ def check_triton(w: DecodeWeights, gate_source: str) -> None:
     model's config key of a width the kernel's tiles cannot take)."""
     if not triton_available():
         raise ValueError(f"the Triton backend needs triton installed; use backend='reference' or {FALLBACK}")
-    dims = {"qk_nope_head_dim": w.d_nope, "v_head_dim": w.d_v, "qk_rope_head_dim": w.d_rope,
-            "kv_lora_rank": w.w_ukv.shape[2]}  # fmt: skip
+    dims = {
+        "qk_nope_head_dim": w.d_nope,
+        "v_head_dim": w.d_v,
+        "qk_rope_head_dim": w.d_rope,
+        "kv_lora_rank": w.w_ukv.shape[2],
+    }
     if gate_source == "embedding":
         dims["gate_dim"] = w.embedding.shape[1]
     for key, value in dims.items():
@@ -115,8 +119,9 @@ class FusedDecode:
     ids [B, S]) -> the attention output [B, H, d_v].
     """
 
-    def __init__(self, weights: DecodeWeights, gate_source: str, backend: str = "auto",
-                 launch: LaunchOptions | None = None):  # fmt: skip
+    def __init__(
+        self, weights: DecodeWeights, gate_source: str, backend: str = "auto", launch: LaunchOptions | None = None
+    ):
         _check_choice("gate_source", gate_source, GATE_SOURCES)
         self.backend = resolve_backend(backend, weights.w_ukv.device)
         self.launch = launch or LaunchOptions()

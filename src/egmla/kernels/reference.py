@@ -83,8 +83,9 @@ def gate_tile(ids: torch.Tensor, w: DecodeWeights, dtype: torch.dtype) -> tuple[
 
 
 @torch.no_grad()
-def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int = 32,
-                     split_tokens: int | None = None) -> torch.Tensor:  # fmt: skip
+def decode_attention(
+    q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int = 32, split_tokens: int | None = None
+) -> torch.Tensor:
     """Attention output [B, H, d_v] of one new token per sequence over its cached context.
 
     q_nope [B, H, d_nope], q_rope [B, H, d_rope] (rotated); latent [B, S, d_c] (normalised, as cached);

@@ -248,11 +248,19 @@ class LatentAttention(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else latent.dtype
         norms = [getattr(m, name, None) for m in (self.k_norm, self.v_norm) for name in ("weight", "bias")]
         k, v = gated_expand(
-            latent.reshape(b * s, -1).to(dtype), emb.reshape(b * s, -1).to(dtype), k_rope.reshape(b * s, -1).to(dtype),
-            self.wkv_b.weight.to(dtype), self.gate.up.weight[: self.gate.width].to(dtype), *norms,
-            self.n_heads, self.d_nope, self.gate_kv == "shared", self.gate.activation_kind, self.gate_norm,
+            latent.reshape(b * s, -1).to(dtype),
+            emb.reshape(b * s, -1).to(dtype),
+            k_rope.reshape(b * s, -1).to(dtype),
+            self.wkv_b.weight.to(dtype),
+            self.gate.up.weight[: self.gate.width].to(dtype),
+            *norms,
+            self.n_heads,
+            self.d_nope,
+            self.gate_kv == "shared",
+            self.gate.activation_kind,
+            self.gate_norm,
             getattr(self.k_norm, "eps", 0.0),
-        )  # fmt: skip
+        )
         return k.view(b, s, self.n_heads, -1), v.view(b, s, self.n_heads, -1)
 
     def decode_weights(self, gate_table: nn.Embedding) -> DecodeWeights:
@@ -282,8 +290,13 @@ class LatentAttention(nn.Module):
             eps=getattr(self.k_norm, "eps", 0.0),
         )
 
-    def enable_fused_decode(self, gate_source: str | None, gate_table: nn.Embedding | None = None,
-                            backend: str = "reference", launch: LaunchOptions | None = None) -> None:  # fmt: skip
+    def enable_fused_decode(
+        self,
+        gate_source: str | None,
+        gate_table: nn.Embedding | None = None,
+        backend: str = "reference",
+        launch: LaunchOptions | None = None,
+    ) -> None:
         """Decode single tokens with the fused kernel (EG-MLA gating the content), or stop with None.
 
         gate_source "table" builds G = act(W_ue E) for the whole vocabulary; "embedding" recomputes the gate from

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+def sample_next_token(
+    logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Next token id per row, logits [B, vocab] -> [B]: the argmax at temperature <= 0, else drawn from
     softmax(logits / temperature), restricted to the top_k largest logits when top_k is set (ties with the k-th
     kept)."""

@@ -77,8 +77,14 @@ class Transformer(nn.Module):
     def gate_table(self, layer: int) -> nn.Embedding | None:
         return self.gate_tables[layer // self.cfg.attention.gate_group_size] if self.cfg.has_gate else None
 
-    def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None, targets: torch.Tensor | None = None,
-                reduction: str = "mean", last_only: bool = False) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: DecodeCache | None = None,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """ids [B, T] -> logits [B, T, vocab]. With a cache, ids continue the cached context.
 
         With targets [B, T] (-100: ignored), the fp32 cross-entropy loss instead, `reduction` "mean", "sum" or
@@ -106,12 +112,14 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = start + ids.shape[1]
         if targets is not None:
-            return linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, reduction,
-                                        compile=self.compile_loss)  # fmt: skip
+            return linear_cross_entropy(
+                self.norm(x), self.lm_head.weight, targets, reduction, compile=self.compile_loss
+            )
         return self.output_head(self.norm(x[:, -1:] if last_only else x))
 
-    def enable_fused_decode(self, gate_source: str | None, backend: str = "auto",
-                            launch: LaunchOptions | None = None) -> str | None:  # fmt: skip
+    def enable_fused_decode(
+        self, gate_source: str | None, backend: str = "auto", launch: LaunchOptions | None = None
+    ) -> str | None:
         """Switch every EG-MLA layer to the fused decode (egmla.kernels; None switches back); returns the backend
         used. Call it after moving the model to its device and dtype: the gate table is built where the weights are.
         """

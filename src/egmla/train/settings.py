@@ -49,8 +49,9 @@ def check_int(key: str, value: Any, minimum: int) -> None:
         _fail(key, value, f"expected an integer >= {minimum}")
 
 
-def check_number(key: str, value: Any, low: float, high: float | None = None, open_low: bool = False,
-                 valid: str = "") -> None:  # fmt: skip
+def check_number(
+    key: str, value: Any, low: float, high: float | None = None, open_low: bool = False, valid: str = ""
+) -> None:
     """A number >= low (> low with open_low) and <= high; `valid` words the range for the message."""
     if not (_is_number(value) and (value > low if open_low else value >= low) and (high is None or value <= high)):
         _fail(key, value, valid or f"expected a number in [{low}, {high}]")
@@ -160,8 +161,11 @@ class TrainConfig:
         token_count("max_tokens", self.max_tokens)
         token_count("global_batch_tokens", self.global_batch_tokens)
         if not _is_int(self.keep_checkpoints) or not (self.keep_checkpoints >= 1 or self.keep_checkpoints == -1):
-            _fail("train.keep_checkpoints", self.keep_checkpoints,
-                  "expected an integer >= 1 (a crashed run resumes from the newest) or -1 (keep all)")  # fmt: skip
+            _fail(
+                "train.keep_checkpoints",
+                self.keep_checkpoints,
+                "expected an integer >= 1 (a crashed run resumes from the newest) or -1 (keep all)",
+            )
         check_bool("train.compile", self.compile)
         check_bool("train.fused_loss", self.fused_loss)
         check_choice("train.compile_scope", self.compile_scope, COMPILE_SCOPES)
@@ -240,8 +244,11 @@ class TrainerConfig:
                 f"trainer.precision={self.precision} is not supported (fp16 needs loss scaling): use bf16-mixed"
             )
         if self.strategy == "fsdp2" and not isinstance(self.reshard_after_forward, bool):
-            _fail("trainer.reshard_after_forward", self.reshard_after_forward,
-                  "trainer.strategy=fsdp2 needs true or false (trainer=fsdp sets it)")  # fmt: skip
+            _fail(
+                "trainer.reshard_after_forward",
+                self.reshard_after_forward,
+                "trainer.strategy=fsdp2 needs true or false (trainer=fsdp sets it)",
+            )
 
 
 # ------------------------------------------------------------------------------------------------ the whole run
