@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(overrides: list[str], print_config: bool = False) -> int:
-    """Compose, check, train one selection; the exit status: 0 done, 1 non-finite loss, 2 a bad setting."""
+    """Compose, check, train one selection; the exit status: 0 done, 1 stopped (a non-finite loss, a checkpoint
+    that could not be written), 2 a bad setting."""
     try:
         cfg = compose(overrides)
         if print_config:
@@ -334,11 +335,12 @@ def run(overrides: list[str], print_config: bool = False) -> int:
     except ConfigError as exc:
         print(f"egmla-train: error: {exc}", file=sys.stderr)
         return 2
+    from .checkpoint import CheckpointWriteError
     from .module import NonFiniteLossError
 
     try:
         results = train(cfg, prepared)
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, CheckpointWriteError) as exc:
         print(f"egmla-train: error: {exc}", file=sys.stderr)
         return 1
     except (ConfigError, FolderLocked) as exc:  # the ranks a launcher started, a data position, a run dir in use
@@ -362,7 +364,7 @@ _statuses: list[int] = []  # the exit status of each job this process ran
 
 
 def cli() -> None:
-    """The `egmla-train` console script. Exit status: the worst job's (0, 1 non-finite loss, 2 a bad setting)."""
+    """The `egmla-train` console script. Exit status: the worst job's (0, 1 stopped, 2 a bad setting)."""
     import hydra
 
     args = sys.argv[1:]
