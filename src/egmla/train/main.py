@@ -213,6 +213,7 @@ def _train(cfg: DictConfig, prepared: dict[str, Any], callbacks: list | None) ->
         monitor="step",
         mode="max",
         save_last="link",  # last.ckpt links to the newest checkpoint: one write per save, not two
+        enable_version_counter=False,  # a resumed run rewrites stepN.ckpt and last.ckpt, never adds last-v1.ckpt
     )
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -322,6 +323,17 @@ def main(argv: list[str] | None = None) -> int:
     return run(args.overrides, print_config=args.print_config)
 
 
+def _resume_advice(run_dir: Path) -> str:
+    """Where to resume after a non-finite loss: the newest checkpoint, by its exact path. Every checkpoint was
+    checked finite and not blown up when it was saved."""
+    from .checkpoint import existing_checkpoints
+
+    saved = [p for p in existing_checkpoints(run_dir) if p.name.startswith("step")]
+    if not saved:
+        return "rerun without resume (no checkpoint was written)"
+    return f"resume={saved[-1]} (the last checkpoint, its weights checked finite)"
+
+
 def run(overrides: list[str], print_config: bool = False) -> int:
     """Compose, check, train one selection; the exit status: 0 done, 1 stopped (a non-finite loss, a checkpoint
     that could not be written), 2 a bad setting."""
@@ -340,7 +352,11 @@ def run(overrides: list[str], print_config: bool = False) -> int:
 
     try:
         results = train(cfg, prepared)
-    except (NonFiniteLossError, CheckpointWriteError) as exc:
+    except NonFiniteLossError as exc:
+        print(f"egmla-train: error: {exc}: lower optim.lr or raise optim.warmup_steps, then "
+              f"{_resume_advice(prepared['run_dir'])}", file=sys.stderr)  # fmt: skip
+        return 1
+    except CheckpointWriteError as exc:
         print(f"egmla-train: error: {exc}", file=sys.stderr)
         return 1
     except (ConfigError, FolderLocked) as exc:  # the ranks a launcher started, a data position, a run dir in use
