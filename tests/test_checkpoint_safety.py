@@ -4,7 +4,9 @@ line without running it, and a flipped byte against the sha256 written with the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -212,3 +214,30 @@ def test_a_sharded_checkpoint_carries_a_manifest_of_its_files(tmp_path):
     shard.unlink()
     with pytest.raises(ConfigError, match="files differ from its checksums.sha256"):
         verify_checksum(folder)
+
+
+# --- a full disk ----------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_stops_in_one_line_naming_the_last_good_checkpoint(corpus, tmp_path, capsys, monkeypatch):
+    """The save of step 4 runs out of space half-way: one line names the checkpoint that could not be written and
+    the last good one, the partial .tmp is gone, and resuming as the line says trains on to the end."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if obj.get("global_step") == 4:
+            f.write(b"\0" * 4096)  # part of the file reached the disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run_dir = tmp_path / "run"
+    error = _one_line_error(capsys, overrides(corpus, run_dir))
+    folder = run_dir / "checkpoints"
+    assert f"cannot write checkpoint {folder / 'step0000004.ckpt'}: No space left on device" in error
+    assert f"resume=last ({folder / 'step0000002.ckpt'}, the last good checkpoint)" in error
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step0000002.ckpt", "step0000002.ckpt.sha256"]
+
+    monkeypatch.setattr(torch, "save", real_save)  # space freed
+    assert main(overrides(corpus, run_dir, "resume=last")) == 0
+    assert json.loads((run_dir / "results.json").read_text())["train"]["steps"] == 6

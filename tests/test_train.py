@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -136,7 +137,7 @@ def test_bad_inputs_fail_in_one_line_and_keep_checkpoints(corpus, trained, capsy
     nan_run = [*base, "resume=last", "train.max_steps=30", "train.ckpt_every=100", "optim.lr=1e30",
                "optim.grad_clip=0", "optim.warmup_steps=1"]  # fmt: skip
     message = _error(capsys, nan_run)
-    assert "training loss is" in message and "resume=last" in message
+    assert "training loss is" in message and f"resume={trained / 'checkpoints' / 'step0000004.ckpt'} " in message
     assert _snapshot(trained / "checkpoints") == before
 
 
@@ -286,8 +287,21 @@ def test_a_diverged_model_is_never_checkpointed(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     base = overrides(corpus, run, "train.ckpt_every=1", "train.log_every=3")
     message = _error(capsys, [*base, "optim.lr=1e6", "optim.grad_clip=0", "optim.warmup_steps=1"])
-    assert ("non-finite" in message or "training loss is" in message) and "resume=last" in message
+    assert ("blew up" in message or "training loss is" in message) and "no checkpoint was written" in message
     assert all(_all_finite(path) for path in sorted((run / "checkpoints").glob("step*.ckpt")))
+
+
+def test_the_advice_after_a_blow_up_works_when_followed(corpus, trained, capsys):
+    """A healthy 4-step run resumed with lr=1e6 and a checkpoint every step: the first update blows the weights up
+    to large but finite values whose loss goes non-finite a step later. The stop's advice, followed (the usual
+    lr, resume from what it names), trains on to the end with finite losses; resume=last twice keeps to last.ckpt."""
+    base = overrides(corpus, trained, "train.max_steps=12", "train.ckpt_every=1")
+    message = _error(capsys, [*base, "resume=last", "optim.lr=1e6", "optim.grad_clip=0"])
+    advice = re.search(r"lower optim.lr or raise optim.warmup_steps, then .*resume=([^\s),]+)", message)
+    results = run_training([*base, f"resume={advice.group(1)}"])
+    assert results["train"]["steps"] == 12 and math.isfinite(results["val"]["loss"])
+    assert all(math.isfinite(loss) for loss in train_losses(trained).values())
+    assert (trained / "checkpoints" / "last.ckpt").resolve().name == "step0000012.ckpt"
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -50,14 +50,18 @@ trained on (not the prefetched ones) and produces the `resume` dict; each data-p
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+from .rows import bad_rows
 
 __all__ = ["PackedBatches", "SourceSpec", "StreamPosition", "open_documents"]
 
@@ -147,6 +151,7 @@ def _load(spec: SourceSpec, field_only: bool = True):
     check_local_files(spec)
     import datasets  # deferred: importing datasets costs ~1 s
 
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)  # bad_rows() says it
     target = spec.builder or spec.path
     try:
         ds = datasets.load_dataset(target, name=spec.name, data_files=spec.data_files, split=spec.split, streaming=True)
@@ -172,6 +177,10 @@ def _arrow_batches(source, spec: SourceSpec):
         if spec.field not in table.column_names:
             where = spec.builder or spec.path
             raise ValueError(f"field {spec.field!r} missing from {where!r}: it has {table.column_names}")
+        column = table.column(spec.field)
+        text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+        if column.null_count or not (spec.pretokenized or text):  # a missing or null text, a number, an object
+            raise bad_rows(spec)
         yield table
 
 
@@ -313,6 +322,12 @@ class PackedBatches(IterableDataset):
 
     def _documents(self, source, skip: int, shard: int, num_shards: int) -> Iterator[tuple[int, list[int]]]:
         """(source row number, token ids) of this shard's documents from row `skip` on, in source order."""
+        try:
+            yield from self._read(source, skip, shard, num_shards)
+        except (pa.ArrowException, UnicodeDecodeError) as exc:  # malformed JSON, bytes that are not UTF-8
+            raise bad_rows(self.source, exc) from None
+
+    def _read(self, source, skip: int, shard: int, num_shards: int) -> Iterator[tuple[int, list[int]]]:
         base = 0
         for table in _arrow_batches(source, self.source):
             n = table.num_rows

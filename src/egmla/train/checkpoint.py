@@ -17,6 +17,15 @@ from .fsdp import is_sharded_checkpoint, sharded_checkpoint_metadata
 from .integrity import HashingWriter, safe_torch_load, sidecar, verify_checksum, warn_unverified, write_checksum
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, typically): one line naming it and the last good one."""
+
+    def __init__(self, path: Path, exc: OSError):
+        good = [p for p in existing_checkpoints(path.parent.parent) if p.name != "last.ckpt"]
+        then = f"resume=last ({good[-1]}, the last good checkpoint)" if good else "rerun (no checkpoint was written)"
+        super().__init__(f"cannot write checkpoint {path}: {exc.strerror or exc}; free space, then {then}")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file, flush it to disk, then rename: a crash never leaves a torn checkpoint. The
     sha256 of the bytes written goes beside it (X.sha256); loads take tensors and plain data only."""
@@ -25,14 +34,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            writer = HashingWriter(f)
-            torch.save(checkpoint, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        sidecar(path).unlink(missing_ok=True)  # a stop before the new one is written: unverified, not "corrupt"
-        os.replace(tmp, path)
-        write_checksum(path, writer.sha.hexdigest())
+        try:
+            with open(tmp, "wb") as f:
+                writer = HashingWriter(f)
+                torch.save(checkpoint, writer)
+                f.flush()
+                os.fsync(f.fileno())
+            sidecar(path).unlink(missing_ok=True)  # a stop before the new one is written: unverified, not "corrupt"
+            os.replace(tmp, path)
+            write_checksum(path, writer.sha.hexdigest())
+        except OSError as exc:  # a full disk, a quota, an I/O error: no partial file stays behind
+            tmp.unlink(missing_ok=True)
+            raise CheckpointWriteError(path, exc) from None
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return safe_torch_load(Path(path))

@@ -24,7 +24,7 @@ _statuses: list[int] = []  # the exit status of each job this process ran
 
 
 def cli() -> None:
-    """The `egmla-train` console script. Exit status: the worst job's (0, 1 non-finite loss, 2 a bad setting)."""
+    """The `egmla-train` console script. Exit status: the worst job's (0, 1 stopped, 2 a bad setting)."""
     args = sys.argv[1:]
     if "--print-config" in args:  # the config as the run uses it: run-name tags, budget-derived steps
         from .main import main

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ..data.rows import check_rows
 from ..data.stream import PackedBatches, SourceSpec, StreamPosition
 from ..data.tokenizer import build_tokenizer
 from ..model import ConfigError
@@ -30,7 +31,8 @@ class StreamDataModule(L.LightningDataModule):
 
     def check(self, vocab_size: int) -> None:
         """Fail before anything is written: missing files, an unreachable hub dataset, a missing field, a
-        tokenizer the model cannot embed. Opening each source reads its first rows, nothing more."""
+        tokenizer the model cannot embed, a bad row among the first of local json/text files (CHECK_BYTES of each
+        split, read line by line) or an empty split. Opening each source reads its first rows, nothing more."""
         fingerprint = self.cfg.fingerprint
         if fingerprint and not Path(fingerprint).is_file():  # written last by the build: missing = not built
             raise ConfigError(
@@ -40,6 +42,8 @@ class StreamDataModule(L.LightningDataModule):
         try:
             self._dataset("train", rank=0, world=1)
             self._dataset("val", rank=0, world=1)
+            for split in dict.fromkeys([self.cfg.train_split, self.cfg.val_split]):
+                check_rows(self._source(split))  # the first rows of local json/text files, one by one
         except (FileNotFoundError, ConnectionError, ValueError) as exc:
             raise ConfigError(f"data={self.cfg.name}: {exc}") from None
         if self.tokenizer.vocab_size > vocab_size:

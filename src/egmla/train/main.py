@@ -35,7 +35,15 @@ from ..kernels import triton_available
 from ..lock import FolderLocked, hold
 from ..model import ConfigError
 from .budget import Budget, apply_budget
-from .checkpoint import AtomicCheckpointIO, check_checkpoint, check_world_size, checkpoint_dir, resolve_resume
+from .checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    check_checkpoint,
+    check_world_size,
+    checkpoint_dir,
+    existing_checkpoints,
+    resolve_resume,
+)
 from .datamodule import StreamDataModule
 from .fsdp import fsdp2_strategy
 from .module import LanguageModel, NonFiniteLossError
@@ -159,6 +167,7 @@ def build_trainer(run: Run, callbacks: list) -> tuple[L.Trainer, ModelCheckpoint
         monitor="step",  # the newest checkpoint is the best: best_model_score is the step it holds
         mode="max",
         save_last="link",  # last.ckpt links to the newest checkpoint: one write per save, not two
+        enable_version_counter=False,  # a resumed run rewrites stepN.ckpt and last.ckpt, never adds last-v1.ckpt
     )
     periodic = [run.periodic] if run.periodic is not None else []
     trainer = L.Trainer(
@@ -326,8 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     return run(args.overrides, print_config=args.print_config)
 
 
+def _resume_advice(run_dir: Path) -> str:
+    """Where to resume after a non-finite loss: the newest checkpoint, by its exact path. Every checkpoint was
+    checked finite and not blown up when it was saved."""
+    saved = [p for p in existing_checkpoints(run_dir) if p.name.startswith("step")]
+    if not saved:
+        return "rerun without resume (no checkpoint was written)"
+    return f"resume={saved[-1]} (the last checkpoint, its weights checked finite)"
+
+
 def run(overrides: list[str], print_config: bool = False) -> int:
-    """Compose, check, train one selection; the exit status: 0 done, 1 non-finite loss, 2 a bad setting."""
+    """Compose, check, train one selection; the exit status: 0 done, 1 stopped (a non-finite loss, a checkpoint
+    that could not be written), 2 a bad setting."""
     try:
         cfg = compose(overrides)
         if print_config:
@@ -341,6 +360,10 @@ def run(overrides: list[str], print_config: bool = False) -> int:
     try:
         results = train(prepared)
     except NonFiniteLossError as exc:
+        advice = _resume_advice(prepared.run_dir)
+        print(f"egmla-train: error: {exc}: lower optim.lr or raise optim.warmup_steps, then {advice}", file=sys.stderr)
+        return 1
+    except CheckpointWriteError as exc:
         print(f"egmla-train: error: {exc}", file=sys.stderr)
         return 1
     except (ConfigError, FolderLocked) as exc:  # the ranks a launcher started, a data position, a run dir in use

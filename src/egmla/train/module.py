@@ -18,7 +18,8 @@ from .settings import OptimConfig
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or inf; checkpoints already written are left as they were."""
+    """The training loss became NaN or inf, or the weights blew up; checkpoints already written are left as they
+    were, and none was written of weights past that point. The entry point adds which one to resume from."""
 
 
 class LanguageModel(L.LightningModule):
@@ -99,35 +100,44 @@ class LanguageModel(L.LightningModule):
         self._first_bad = torch.where(bad, torch.stack([step, loss.detach().double()]), self._first_bad)
 
     def _raise_if_diverged(self, check_weights: bool = False) -> None:
-        """NonFiniteLossError if a loss since the start was NaN/inf (or, with check_weights, any weight is)."""
+        """NonFiniteLossError if a loss since the start was NaN/inf (or, with check_weights, any weight is, or the
+        loss of the weights on the last batch or its gradient is)."""
         step, value = self._first_bad.tolist() if self._first_bad is not None else (-1.0, 0.0)
         finite_weights = 1.0
         if check_weights:
             finite = [torch.isfinite(fsdp.local(p)).all() for p in self.model.parameters()]
-            finite_weights = float(torch.stack(finite).all() & torch.isfinite(self._loss_of_current_weights()))
+            finite_weights = float(torch.stack(finite).all() & self._current_weights_train_on())
         if self.trainer.world_size > 1:  # every rank must take the same branch (a save is collective)
             flags = torch.tensor([step, finite_weights], dtype=torch.float64, device=self.device)
             step = self.trainer.strategy.reduce(flags[:1], reduce_op="max").item()
             finite_weights = -self.trainer.strategy.reduce(-flags[1:], reduce_op="max").item()
         if step >= 0:
-            raise NonFiniteLossError(
-                f"training loss is {value} at step {int(step)}: lower optim.lr or raise optim.warmup_steps, then "
-                "resume from the last checkpoint (resume=last), which holds finite weights"
-            )
+            raise NonFiniteLossError(f"training loss is {value} at step {int(step)}")
         if not finite_weights:
             raise NonFiniteLossError(
-                f"weights became non-finite by step {self.global_step}: lower optim.lr or raise "
-                "optim.warmup_steps, then resume from the last checkpoint (resume=last), which holds finite weights"
+                f"weights blew up by step {self.global_step} (they, their loss or its gradient on the last batch "
+                "are not finite); not saved"
             )
 
-    def _loss_of_current_weights(self) -> torch.Tensor:
-        """The loss the weights about to be saved give on the last training batch. An update can blow weights up
-        to large but finite values whose loss is NaN only at the next step; a checkpoint of them would make
-        resume=last fail again. Same grad mode and precision as training, so a compiled model reuses its graph."""
+    def _current_weights_train_on(self) -> torch.Tensor:
+        """Whether the weights about to be saved give a finite loss and gradient on the last training batch. An
+        update can blow weights up to large but finite values (max |w| ~1e6 at lr=1e6) whose loss is still finite
+        but whose gradient overflows: the next step makes them NaN at any learning rate, so a checkpoint of them
+        would make a resume with a lower one fail again. Same grad mode and precision as training, so a compiled
+        model reuses its graph; the gradients the step left are put back afterwards."""
         if self._last_ids is None:
-            return torch.zeros(())
+            return torch.tensor(True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
         with torch.enable_grad(), self.trainer.precision_plugin.forward_context():
-            return self._loss(self._last_ids).detach().float()
+            loss = self._loss(self._last_ids)
+        loss.backward()
+        grads = [torch.isfinite(fsdp.local(p.grad)).all() for p in params if p.grad is not None]
+        for p, grad in zip(params, kept, strict=True):
+            p.grad = grad
+        return torch.isfinite(loss.detach()) & torch.stack(grads).all()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
