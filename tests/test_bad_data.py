@@ -69,8 +69,14 @@ def _late(tmp_path: Path, monkeypatch, bad: bytes) -> Path:
 
 
 def _in_workers(corpus: Path, run: Path, train: Path) -> list[str]:
-    return overrides(corpus, run, f"data.data_files.train={train}", "data.num_workers=2", "train.max_steps=200",
-                     "train.val_every=200")  # fmt: skip
+    return overrides(
+        corpus,
+        run,
+        f"data.data_files.train={train}",
+        "data.num_workers=2",
+        "train.max_steps=200",
+        "train.val_every=200",
+    )
 
 
 def test_a_bad_row_past_the_start_check_stops_in_one_line_from_a_worker(corpus, tmp_path, capsys, monkeypatch):
@@ -84,8 +90,9 @@ def test_a_bad_row_past_the_start_check_stops_in_one_line_from_a_worker(corpus, 
 
 
 @pytest.mark.parametrize(("bad", "problem"), [(b'{"text": "cut off', "is not valid JSON"), (b"\xff", "is not UTF-8")])
-def test_an_unreadable_row_past_the_start_check_is_one_line_from_a_worker(corpus, tmp_path, capsys, monkeypatch,
-                                                                          bad, problem):  # fmt: skip
+def test_an_unreadable_row_past_the_start_check_is_one_line_from_a_worker(
+    corpus, tmp_path, capsys, monkeypatch, bad, problem
+):
     train = _late(tmp_path, monkeypatch, bad)
     error = _error(capsys, _in_workers(corpus, tmp_path / "run", train))
     assert f"{train} line 41: {problem}" in error and "fix or delete" in error

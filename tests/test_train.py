@@ -134,8 +134,15 @@ def test_bad_inputs_fail_in_one_line_and_keep_checkpoints(corpus, trained, capsy
 
     # NaN/inf loss: a learning rate that blows the weights up, resumed from the finished run (no periodic
     # checkpoint falls before the failure, so every file must stay byte-identical).
-    nan_run = [*base, "resume=last", "train.max_steps=30", "train.ckpt_every=100", "optim.lr=1e30",
-               "optim.grad_clip=0", "optim.warmup_steps=1"]  # fmt: skip
+    nan_run = [
+        *base,
+        "resume=last",
+        "train.max_steps=30",
+        "train.ckpt_every=100",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "optim.warmup_steps=1",
+    ]
     message = _error(capsys, nan_run)
     assert "training loss is" in message and f"resume={trained / 'checkpoints' / 'step0000004.ckpt'} " in message
     assert _snapshot(trained / "checkpoints") == before
@@ -224,8 +231,9 @@ def test_last_checkpoint_links_to_the_newest_instead_of_a_second_write(corpus, t
     from egmla.train.checkpoint import resolve_resume
 
     folder = tmp_path / "run" / "checkpoints"
-    run_training(overrides(corpus, tmp_path / "run", "train.max_steps=4", "train.ckpt_every=2",
-                           "train.keep_checkpoints=1"))  # fmt: skip
+    run_training(
+        overrides(corpus, tmp_path / "run", "train.max_steps=4", "train.ckpt_every=2", "train.keep_checkpoints=1")
+    )
     last = folder / "last.ckpt"
     assert last.is_symlink() and last.resolve() == (folder / "step0000004.ckpt").resolve()
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step0000004.ckpt", "step0000004.ckpt.sha256"]
@@ -328,8 +336,14 @@ def test_validation_bpb_leaves_out_zero_byte_targets_and_loss_keeps_them(fused):
     trainer.validate(module, loader, verbose=False)
 
     with torch.no_grad():
-        nats = torch.cat([F.cross_entropy(module.model(ids[:, :-1]).double().flatten(0, 1), ids[:, 1:].flatten(),
-                                          reduction="none") for ids in batches])  # fmt: skip
+        nats = torch.cat(
+            [
+                F.cross_entropy(
+                    module.model(ids[:, :-1]).double().flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+                )
+                for ids in batches
+            ]
+        )
     nbytes = torch.cat([token_bytes[ids[:, 1:]].flatten() for ids in batches]).double()
     has_bytes = nbytes > 0
     assert 0 < (~has_bytes).sum() < nats.numel()
@@ -346,8 +360,9 @@ def test_a_run_prints_neither_the_litlogger_tip_nor_the_leafspec_warning(corpus,
     import sys
 
     args = overrides(corpus, tmp_path / "run", "train.max_steps=2", "train.val_every=2", "train.ckpt_every=2")
-    done = subprocess.run([sys.executable, "-m", "egmla.train", *args], env=offline_env(), capture_output=True,
-                          text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "egmla.train", *args], env=offline_env(), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "litlogger" not in done.stderr and "LeafSpec" not in done.stderr, done.stderr
     assert "GPU available" not in done.stderr and "TPU available" not in done.stderr
@@ -416,8 +431,9 @@ def test_output_to_a_file_is_one_line_per_log_interval(corpus, tmp_path):
     import sys
 
     args = overrides(corpus, tmp_path / "run", "train.log_every=2")
-    done = subprocess.run([sys.executable, "-m", "egmla.train", *args], env=offline_env(), capture_output=True,
-                          text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "egmla.train", *args], env=offline_env(), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "\r" not in done.stdout + done.stderr
     steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]

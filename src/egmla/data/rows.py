@@ -79,8 +79,10 @@ def _check_file(path: Path, spec, budget: float) -> tuple[int, float, bool]:
     with open(path, "rb") as f:
         head = f.read(8192)
         if b"\0" in head:
-            raise DataError(f"data file {path} line 1: is binary, not {spec.builder} lines: point data.data_files "
-                            "at JSON lines files (one object per line)")  # fmt: skip
+            raise DataError(
+                f"data file {path} line 1: is binary, not {spec.builder} lines: point data.data_files "
+                "at JSON lines files (one object per line)"
+            )
         if spec.builder == "json" and head.lstrip()[:1] == b"[":  # one JSON array, not JSON lines: not checked
             return 0, 0, False
         f.seek(0)

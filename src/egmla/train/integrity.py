@@ -161,8 +161,10 @@ def verify_checksum(path: Path) -> bool:
 
 
 def warn_unverified(path: Path) -> None:
-    print(f"egmla: warning: checkpoint {path} has no checksum (written by an older egmla): loaded it unverified",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"egmla: warning: checkpoint {path} has no checksum (written by an older egmla): loaded it unverified",
+        file=sys.stderr,
+    )
 
 
 def _corrupt(path: Path, why: str) -> ConfigError:

@@ -146,10 +146,16 @@ def write_run_files(run: Run) -> None:
 
 def build_module(run: Run) -> LanguageModel:
     s, t = run.settings, run.settings.train
-    return LanguageModel(s.model, s.optim, t.max_steps, torch.as_tensor(run.datamodule.tokenizer.token_bytes()),
-                         compile=t.compile_scope if t.compile else None,
-                         activation_checkpointing=t.activation_checkpointing, sharding=_sharding(s.trainer),
-                         fused_loss=t.fused_loss)  # fmt: skip
+    return LanguageModel(
+        s.model,
+        s.optim,
+        t.max_steps,
+        torch.as_tensor(run.datamodule.tokenizer.token_bytes()),
+        compile=t.compile_scope if t.compile else None,
+        activation_checkpointing=t.activation_checkpointing,
+        sharding=_sharding(s.trainer),
+        fused_loss=t.fused_loss,
+    )
 
 
 def build_trainer(run: Run, callbacks: list) -> tuple[L.Trainer, ModelCheckpoint, Throughput]:
@@ -197,8 +203,12 @@ def build_trainer(run: Run, callbacks: list) -> tuple[L.Trainer, ModelCheckpoint
         )
     if trainer.is_global_zero:
         for logger in trainer.loggers:
-            logger.log_hyperparams({"kv/bytes_per_token": run.summary["kv"]["bytes_per_token"],
-                                    **{f"params/{k}": v for k, v in run.summary["params"].items()}})  # fmt: skip
+            logger.log_hyperparams(
+                {
+                    "kv/bytes_per_token": run.summary["kv"]["bytes_per_token"],
+                    **{f"params/{k}": v for k, v in run.summary["params"].items()},
+                }
+            )
     return trainer, checkpoints, throughput
 
 

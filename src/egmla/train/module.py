@@ -30,10 +30,17 @@ class LanguageModel(L.LightningModule):
     fused_loss: the loss comes from the model, fused with its output head (train.fused_loss).
     """
 
-    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig | Mapping[str, Any], max_steps: int,
-                 token_bytes: torch.Tensor,
-                 compile: str | None = None, activation_checkpointing: str = "none",
-                 sharding: dict | None = None, fused_loss: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim: OptimConfig | Mapping[str, Any],
+        max_steps: int,
+        token_bytes: torch.Tensor,
+        compile: str | None = None,
+        activation_checkpointing: str = "none",
+        sharding: dict | None = None,
+        fused_loss: bool = True,
+    ):
         super().__init__()
         self.model_cfg = model_cfg
         self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig.from_dict(optim)
@@ -157,16 +164,23 @@ class LanguageModel(L.LightningModule):
         nats = self._loss(ids, reduction="none", eager=True).double().flatten()
         nbytes = self.token_bytes[ids[:, 1:]].flatten()
         self._val_sums += torch.stack(
-            [nats.sum(), torch.tensor(nats.numel(), device=self.device, dtype=torch.float64),
-             torch.where(nbytes > 0, nats, 0).sum(), nbytes.sum()]
-        )  # fmt: skip
+            [
+                nats.sum(),
+                torch.tensor(nats.numel(), device=self.device, dtype=torch.float64),
+                torch.where(nbytes > 0, nats, 0).sum(),
+                nbytes.sum(),
+            ]
+        )
 
     def on_validation_epoch_end(self) -> None:
         nats, tokens, byte_nats, nbytes = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
         if tokens == 0:
             return
-        self.last_val = {"loss": nats / tokens, "bpb": byte_nats / math.log(2) / nbytes if nbytes else None,
-                         "tokens": int(tokens)}  # fmt: skip
+        self.last_val = {
+            "loss": nats / tokens,
+            "bpb": byte_nats / math.log(2) / nbytes if nbytes else None,
+            "tokens": int(tokens),
+        }
         self.last_val_step = self.global_step
         self.log("val/loss", self.last_val["loss"], prog_bar=True)
         if nbytes:
