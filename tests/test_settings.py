@@ -9,11 +9,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from conftest import overrides, run_training
 from egmla import ConfigError, compose
 from egmla.config import config_dir
+from egmla.eval.run import EvalSettings
 from egmla.train.main import main
 from egmla.train.settings import DataConfig, OptimConfig, Settings, TrainConfig, TrainerConfig
 
@@ -86,7 +87,7 @@ def test_every_option_of_conf_reads_into_the_settings(selection):
     assert (settings.trainer.reshard_after_forward is not None) == (cfg.trainer.strategy == "fsdp2")
 
 
-@pytest.mark.parametrize("cls", [OptimConfig, TrainConfig, DataConfig, TrainerConfig])
+@pytest.mark.parametrize("cls", [OptimConfig, TrainConfig, DataConfig, TrainerConfig, EvalSettings])
 def test_the_settings_repeat_no_default_of_the_yaml(cls):
     """Every value comes from conf/: a field with a default would be a second place where it is set."""
     defaults = [f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING]
@@ -126,3 +127,13 @@ def test_a_resume_with_other_data_workers_is_refused_before_anything_is_written(
     assert "cannot resume the data stream with num_workers=2: it was saved with num_workers=1" in message
     assert "set data.num_workers=1" in message
     assert {p.name: _digest(p) for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+
+
+def test_eval_keys_left_out_take_the_eval_groups_yaml_defaults():
+    """A Python caller may pass only the tasks: every other key is conf/eval/none.yaml's."""
+    none = OmegaConf.to_container(OmegaConf.load(config_dir() / "eval" / "none.yaml"))
+    settings = EvalSettings.from_dict({"tasks": ["piqa_offline"]})
+    assert settings.tasks == ("piqa_offline",)
+    assert {k: getattr(settings, k) for k in none if k not in ("tasks", "average")} == {
+        k: v for k, v in none.items() if k not in ("tasks", "average")
+    }

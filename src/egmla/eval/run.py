@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import logging
 import math
@@ -50,33 +51,45 @@ class EvalError(ConfigError):
 # Settings
 
 
+@functools.cache
+def _yaml_defaults() -> dict[str, Any]:
+    """conf/eval/none.yaml, the eval group's defaults (no suite)."""
+    from omegaconf import OmegaConf
+
+    from ..config import config_dir
+
+    return OmegaConf.to_container(OmegaConf.load(config_dir() / "eval" / "none.yaml"), resolve=True)
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """A conf/eval/ group, checked. See conf/eval/offline.yaml for the meaning of each key.
 
     `metrics` may name tasks that `tasks` leaves out (a narrowed suite keeps the group's mapping)."""
 
-    name: str = "none"
-    tasks: tuple[str, ...] = ()
-    average: tuple[str, ...] = ()
-    metric: str = "acc"
-    metrics: dict[str, str] | None = None
-    limit: int | float | None = None
-    num_fewshot: int = 0
-    batch_size: int = 32
-    include_path: str | None = None
-    include_defaults: bool = True
-    bootstrap_iters: int = 1000
-    every_steps: int | None = None
-    device: str = "auto"
+    name: str
+    tasks: tuple[str, ...]
+    average: tuple[str, ...]
+    metric: str
+    metrics: dict[str, str]
+    limit: int | float | None
+    num_fewshot: int
+    batch_size: int
+    include_path: str | None
+    include_defaults: bool
+    bootstrap_iters: int
+    every_steps: int | None
+    device: str
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> EvalSettings:
+        """`cfg` over conf/eval/none.yaml: a key it leaves out takes that file's value (the YAML holds every
+        default; a Python caller may pass only the tasks)."""
         cfg = _plain(cfg)
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(cfg) - known):
             raise ConfigError(f"eval.{unknown[0]} is not an eval setting: expected one of {', '.join(sorted(known))}")
-        values = dict(cfg)
+        values = {**_yaml_defaults(), **cfg}
         for key in ("tasks", "average"):
             values[key] = tuple(_str_list(values.get(key) or [], key))
         values["metrics"] = dict(values.get("metrics") or {})

@@ -284,7 +284,7 @@ class Settings:
             train=TrainConfig.from_dict(cfg.get("train")),
             data=DataConfig.from_dict(cfg.get("data")),
             trainer=TrainerConfig.from_dict(cfg.get("trainer")),
-            eval=EvalSettings.from_dict(cfg.eval) if cfg.get("eval") is not None else EvalSettings(),
+            eval=EvalSettings.from_dict(cfg.eval if cfg.get("eval") is not None else {}),
             logger=logger,
             seed=cfg.seed,
         )
