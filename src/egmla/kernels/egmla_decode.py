@@ -54,55 +54,14 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 @triton.jit
 def _egmla_decode_split(
-    QN,
-    QR,
-    LAT,
-    KR,
-    IDS,
-    W_UKV,
-    G,
-    EMB,
-    W_UE,
-    KW,
-    KB,
-    VW,
-    VB,
-    O_SPLIT,
-    LSE_SPLIT,
-    S,
-    split_tokens,
-    n_split,
-    scale,
-    eps,
-    s_qn_b,
-    s_qn_h,
-    s_qr_b,
-    s_qr_h,
-    s_lat_b,
-    s_lat_s,
-    s_kr_b,
-    s_kr_s,
-    s_ids_b,
-    s_g_v,
-    s_emb_v,
-    H: tl.constexpr,
-    DN: tl.constexpr,
-    DV: tl.constexpr,
-    DR: tl.constexpr,
-    DC: tl.constexpr,
-    GD: tl.constexpr,
-    GATE_H: tl.constexpr,
-    HEADS: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    FROM_TABLE: tl.constexpr,
-    IDS32: tl.constexpr,
-    VALUES_FP16: tl.constexpr,
-    SHARED: tl.constexpr,
-    ACT_KIND: tl.constexpr,
-    NORM_KIND: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
+    QN, QR, LAT, KR, IDS, W_UKV, G, EMB, W_UE, KW, KB, VW, VB, O_SPLIT, LSE_SPLIT,
+    S, split_tokens, n_split, scale, eps,
+    s_qn_b, s_qn_h, s_qr_b, s_qr_h, s_lat_b, s_lat_s, s_kr_b, s_kr_s, s_ids_b, s_g_v, s_emb_v,
+    H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, DC: tl.constexpr, GD: tl.constexpr,
+    GATE_H: tl.constexpr, HEADS: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, FROM_TABLE: tl.constexpr,
+    IDS32: tl.constexpr, VALUES_FP16: tl.constexpr,
+    SHARED: tl.constexpr, ACT_KIND: tl.constexpr, NORM_KIND: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     b = tl.program_id(2).to(tl.int64)
     split = tl.program_id(1)
     first_head = tl.program_id(0) * HEADS
@@ -249,9 +208,8 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def default_split_tokens(
-    batch: int, head_groups: int, s: int, block_s: int, device: torch.device, cap: int = 2048
-) -> int:
+def default_split_tokens(batch: int, head_groups: int, s: int, block_s: int, device: torch.device,
+                         cap: int = 2048) -> int:  # fmt: skip
     """Enough splits for about 4 programs per SM (a program per sequence, split and head group), never fewer than
     4 tiles nor more than `cap` tokens per split.
 
@@ -271,19 +229,9 @@ LAUNCH = {
 }
 
 
-def decode_attention(
-    q_nope,
-    q_rope,
-    latent,
-    k_rope,
-    ids,
-    w: DecodeWeights,
-    block_s: int | None = None,
-    split_tokens: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    heads_per_program: int | None = None,
-) -> torch.Tensor:
+def decode_attention(q_nope, q_rope, latent, k_rope, ids, w: DecodeWeights, block_s: int | None = None,
+                     split_tokens: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                     heads_per_program: int | None = None) -> torch.Tensor:  # fmt: skip
     """Attention output [B, H, d_v] of one new token per sequence; same arguments as reference.decode_attention.
 
     latent/k_rope/ids may be views of a longer cache (any batch and token strides; the last dim contiguous).
@@ -317,57 +265,17 @@ def decode_attention(
     source = g if from_table else emb
     ids32 = source.shape[0] * source.stride(0) < 2**31  # row offsets fit int32: cheaper address arithmetic
     _egmla_decode_split[(h // heads, n_split, b)](
-        q_nope,
-        q_rope,
-        latent,
-        k_rope,
-        ids,
-        w_ukv,
-        g,
-        emb,
-        w_ue,
-        kw,
-        kb,
-        vw,
-        vb,
-        o_split,
-        lse_split,
-        s,
-        split,
-        n_split,
-        w.scale,
-        w.eps,
-        q_nope.stride(0),
-        q_nope.stride(1),
-        q_rope.stride(0),
-        q_rope.stride(1),
-        latent.stride(0),
-        latent.stride(1),
-        k_rope.stride(0),
-        k_rope.stride(1),
-        ids.stride(0),
-        g.stride(0),
-        emb.stride(0),
-        H=h,
-        DN=dn,
-        DV=dv,
-        DR=dr,
-        DC=dc,
-        GD=1 if from_table else emb.shape[1],
-        GATE_H=dn if w.shared else dn + dv,
-        HEADS=heads,
-        ROWS=max(16, heads),
-        BLOCK_S=block_s,
-        FROM_TABLE=from_table,
-        IDS32=ids32,
-        VALUES_FP16=latent.dtype != torch.float32 and w.norm != "none",
-        SHARED=w.shared,
-        ACT_KIND=ACT[w.activation],
-        NORM_KIND=NORM[w.norm],
-        UPCAST=UPCAST,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+        q_nope, q_rope, latent, k_rope, ids, w_ukv, g, emb, w_ue, kw, kb, vw, vb, o_split, lse_split,
+        s, split, n_split, w.scale, w.eps,
+        q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
+        latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1), ids.stride(0),
+        g.stride(0), emb.stride(0),
+        H=h, DN=dn, DV=dv, DR=dr, DC=dc, GD=1 if from_table else emb.shape[1],
+        GATE_H=dn if w.shared else dn + dv, HEADS=heads, ROWS=max(16, heads), BLOCK_S=block_s,
+        FROM_TABLE=from_table, IDS32=ids32, VALUES_FP16=latent.dtype != torch.float32 and w.norm != "none",
+        SHARED=w.shared, ACT_KIND=ACT[w.activation], NORM_KIND=NORM[w.norm],
+        UPCAST=UPCAST, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
     _merge_splits[(b * h,)](
         o_split, lse_split, out, n_split, DV=dv, BLOCK_SPLIT=max(2, triton.next_power_of_2(n_split))
     )

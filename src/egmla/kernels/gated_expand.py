@@ -63,38 +63,12 @@ def _activation_grad(z, ACT_KIND: tl.constexpr):
 
 @triton.jit
 def _gated_expand_fwd(
-    LAT,
-    EMB,
-    KR,
-    W_UKV,
-    W_UE,
-    KW,
-    KB,
-    VW,
-    VB,
-    K,
-    V,
-    N,
-    eps,
-    s_lat,
-    s_emb,
-    s_kr,
-    s_k_n,
-    s_k_h,
-    s_v_n,
-    s_v_h,
-    H: tl.constexpr,
-    DN: tl.constexpr,
-    DV: tl.constexpr,
-    DR: tl.constexpr,
-    DC: tl.constexpr,
-    GD: tl.constexpr,
-    SHARED: tl.constexpr,
-    ACT_KIND: tl.constexpr,
-    NORM_KIND: tl.constexpr,
-    BLOCK: tl.constexpr,
+    LAT, EMB, KR, W_UKV, W_UE, KW, KB, VW, VB, K, V, N, eps,
+    s_lat, s_emb, s_kr, s_k_n, s_k_h, s_v_n, s_v_h,
+    H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, DR: tl.constexpr, DC: tl.constexpr, GD: tl.constexpr,
+    SHARED: tl.constexpr, ACT_KIND: tl.constexpr, NORM_KIND: tl.constexpr, BLOCK: tl.constexpr,
     UPCAST: tl.constexpr,
-):
+):  # fmt: skip
     h = tl.program_id(0) % H  # heads fastest: the programs of one tile run together and share its rows in L2
     rows = (tl.program_id(0) // H).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = (rows < N)[:, None]
@@ -125,38 +99,12 @@ def _gated_expand_fwd(
 
 @triton.jit
 def _gated_expand_bwd(
-    LAT,
-    EMB,
-    W_UKV,
-    W_UE,
-    KW,
-    KB,
-    VW,
-    VB,
-    DK,
-    DV_,
-    D_KV,
-    D_G,
-    D_NORM,
-    N,
-    eps,
-    s_lat,
-    s_emb,
-    s_dk_n,
-    s_dk_h,
-    s_dv_n,
-    s_dv_h,
-    H: tl.constexpr,
-    DN: tl.constexpr,
-    DV: tl.constexpr,
-    DC: tl.constexpr,
-    GD: tl.constexpr,
-    SHARED: tl.constexpr,
-    ACT_KIND: tl.constexpr,
-    NORM_KIND: tl.constexpr,
-    BLOCK: tl.constexpr,
+    LAT, EMB, W_UKV, W_UE, KW, KB, VW, VB, DK, DV_, D_KV, D_G, D_NORM, N, eps,
+    s_lat, s_emb, s_dk_n, s_dk_h, s_dv_n, s_dv_h,
+    H: tl.constexpr, DN: tl.constexpr, DV: tl.constexpr, DC: tl.constexpr, GD: tl.constexpr,
+    SHARED: tl.constexpr, ACT_KIND: tl.constexpr, NORM_KIND: tl.constexpr, BLOCK: tl.constexpr,
     UPCAST: tl.constexpr,
-):
+):  # fmt: skip
     h = tl.program_id(0) % H  # heads fastest, as in the forward
     tile = tl.program_id(0) // H
     rows = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -208,24 +156,9 @@ def _gated_expand_bwd(
 
 
 def launch_forward(
-    latent,
-    emb,
-    k_rope,
-    w_ukv,
-    w_ue,
-    k_weight,
-    k_bias,
-    v_weight,
-    v_bias,
-    n_heads,
-    d_nope,
-    shared,
-    activation,
-    norm,
-    eps,
-    block: int = BLOCK_N,
-    **launch,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    latent, emb, k_rope, w_ukv, w_ue, k_weight, k_bias, v_weight, v_bias, n_heads, d_nope, shared, activation, norm,
+    eps, block: int = BLOCK_N, **launch,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The forward kernel's launch, as gated_expand makes it (`block` tokens per program; `launch`: Triton's
     num_warps / num_stages, its defaults when absent): what the op runs and what a launch sweep varies."""
     n, dc = latent.shape
@@ -235,62 +168,18 @@ def launch_forward(
     v = torch.empty(n, n_heads, dv, dtype=latent.dtype, device=latent.device)
     kw, kb, vw, vb = present_or(w_ukv, k_weight, k_bias, v_weight, v_bias)
     wrap_triton(_gated_expand_fwd)[(n_heads * triton.cdiv(n, block),)](
-        latent,
-        emb,
-        k_rope,
-        w_ukv,
-        w_ue,
-        kw,
-        kb,
-        vw,
-        vb,
-        k,
-        v,
-        n,
-        eps,
-        latent.stride(0),
-        emb.stride(0),
-        k_rope.stride(0),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        H=n_heads,
-        DN=d_nope,
-        DV=dv,
-        DR=dr,
-        DC=dc,
-        GD=emb.shape[1],
-        SHARED=shared,
-        ACT_KIND=ACT[activation],
-        NORM_KIND=NORM[norm],
-        BLOCK=block,
-        UPCAST=UPCAST,
-        **launch,
-    )
+        latent, emb, k_rope, w_ukv, w_ue, kw, kb, vw, vb, k, v, n, eps,
+        latent.stride(0), emb.stride(0), k_rope.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        H=n_heads, DN=d_nope, DV=dv, DR=dr, DC=dc, GD=emb.shape[1], SHARED=shared, ACT_KIND=ACT[activation],
+        NORM_KIND=NORM[norm], BLOCK=block, UPCAST=UPCAST, **launch,
+    )  # fmt: skip
     return k, v
 
 
 def launch_backward(
-    dk,
-    dv,
-    latent,
-    emb,
-    w_ukv,
-    w_ue,
-    k_weight,
-    k_bias,
-    v_weight,
-    v_bias,
-    n_heads,
-    d_nope,
-    shared,
-    activation,
-    norm,
-    eps,
-    block: int = BLOCK_N,
-    **launch,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dk, dv, latent, emb, w_ukv, w_ue, k_weight, k_bias, v_weight, v_bias, n_heads, d_nope, shared, activation, norm,
+    eps, block: int = BLOCK_N, **launch,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The backward kernel's launch, as gated_expand_backward makes it (same `block` and `launch` as above)."""
     n, dc = latent.shape
     d_v = w_ukv.shape[0] // n_heads - d_nope
@@ -300,120 +189,36 @@ def launch_backward(
     d_norm = torch.empty(tiles * n_heads, 2 * d_nope + 2 * d_v, dtype=torch.float32, device=latent.device)
     kw, kb, vw, vb = present_or(w_ukv, k_weight, k_bias, v_weight, v_bias)
     wrap_triton(_gated_expand_bwd)[(n_heads * tiles,)](
-        latent,
-        emb,
-        w_ukv,
-        w_ue,
-        kw,
-        kb,
-        vw,
-        vb,
-        dk,
-        dv,
-        d_kv,
-        d_g,
-        d_norm,
-        n,
-        eps,
-        latent.stride(0),
-        emb.stride(0),
-        dk.stride(0),
-        dk.stride(1),
-        dv.stride(0),
-        dv.stride(1),
-        H=n_heads,
-        DN=d_nope,
-        DV=d_v,
-        DC=dc,
-        GD=emb.shape[1],
-        SHARED=shared,
-        ACT_KIND=ACT[activation],
-        NORM_KIND=NORM[norm],
-        BLOCK=block,
-        UPCAST=UPCAST,
-        **launch,
-    )
+        latent, emb, w_ukv, w_ue, kw, kb, vw, vb, dk, dv, d_kv, d_g, d_norm, n, eps,
+        latent.stride(0), emb.stride(0), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        H=n_heads, DN=d_nope, DV=d_v, DC=dc, GD=emb.shape[1], SHARED=shared, ACT_KIND=ACT[activation],
+        NORM_KIND=NORM[norm], BLOCK=block, UPCAST=UPCAST, **launch,
+    )  # fmt: skip
     return d_kv, d_g, d_norm
 
 
 @triton_op("egmla::gated_expand", mutates_args={})
 def gated_expand(
-    latent: torch.Tensor,
-    emb: torch.Tensor,
-    k_rope: torch.Tensor,
-    w_ukv: torch.Tensor,
-    w_ue: torch.Tensor,
-    k_weight: torch.Tensor | None,
-    k_bias: torch.Tensor | None,
-    v_weight: torch.Tensor | None,
-    v_bias: torch.Tensor | None,
-    n_heads: int,
-    d_nope: int,
-    shared: bool,
-    activation: str,
-    norm: str,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    latent: torch.Tensor, emb: torch.Tensor, k_rope: torch.Tensor, w_ukv: torch.Tensor, w_ue: torch.Tensor,
+    k_weight: torch.Tensor | None, k_bias: torch.Tensor | None, v_weight: torch.Tensor | None,
+    v_bias: torch.Tensor | None, n_heads: int, d_nope: int, shared: bool, activation: str, norm: str, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """k [N, H, d_nope + d_rope], v [N, H, d_v] from latent [N, d_c], gate embedding rows emb [N, gate_dim],
     the (rotated) RoPE key [N, d_rope], W_ukv [H * (d_nope + d_v), d_c] and W_ue [gate width, gate_dim]."""
-    return launch_forward(
-        latent,
-        emb,
-        k_rope,
-        w_ukv,
-        w_ue,
-        k_weight,
-        k_bias,
-        v_weight,
-        v_bias,
-        n_heads,
-        d_nope,
-        shared,
-        activation,
-        norm,
-        eps,
-    )
+    return launch_forward(latent, emb, k_rope, w_ukv, w_ue, k_weight, k_bias, v_weight, v_bias, n_heads, d_nope,
+                          shared, activation, norm, eps)  # fmt: skip
 
 
 @triton_op("egmla::gated_expand_backward", mutates_args={})
 def gated_expand_backward(
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    latent: torch.Tensor,
-    emb: torch.Tensor,
-    w_ukv: torch.Tensor,
-    w_ue: torch.Tensor,
-    k_weight: torch.Tensor | None,
-    k_bias: torch.Tensor | None,
-    v_weight: torch.Tensor | None,
-    v_bias: torch.Tensor | None,
-    n_heads: int,
-    d_nope: int,
-    shared: bool,
-    activation: str,
-    norm: str,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dk: torch.Tensor, dv: torch.Tensor, latent: torch.Tensor, emb: torch.Tensor, w_ukv: torch.Tensor,
+    w_ue: torch.Tensor, k_weight: torch.Tensor | None, k_bias: torch.Tensor | None, v_weight: torch.Tensor | None,
+    v_bias: torch.Tensor | None, n_heads: int, d_nope: int, shared: bool, activation: str, norm: str, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(d of W_ukv c [N, H * (d_nope + d_v)], d of W_ue e before the activation [N, gate width], norm parameter
     gradients per tile and head [tiles * H, 2 d_nope + 2 d_v] in fp32: weight_k, bias_k, weight_v, bias_v)."""
-    return launch_backward(
-        dk,
-        dv,
-        latent,
-        emb,
-        w_ukv,
-        w_ue,
-        k_weight,
-        k_bias,
-        v_weight,
-        v_bias,
-        n_heads,
-        d_nope,
-        shared,
-        activation,
-        norm,
-        eps,
-    )
+    return launch_backward(dk, dv, latent, emb, w_ukv, w_ue, k_weight, k_bias, v_weight, v_bias, n_heads, d_nope,
+                           shared, activation, norm, eps)  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):
@@ -442,13 +247,8 @@ def _backward(ctx, dk, dv):
         d_kv.t() @ latent,  # W_ukv
         d_g.t() @ emb,  # W_ue
         *grads_norm,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+        None, None, None, None, None, None,
+    )  # fmt: skip
 
 
 gated_expand.register_autograd(_backward, setup_context=_setup_context)
