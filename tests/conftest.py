@@ -53,6 +53,11 @@ def load_script(relative: str):
     return module
 
 
+def words(line: str) -> list[str]:
+    """A list of plain words (command-line arguments, column names) written as one string."""
+    return line.split()
+
+
 def write_jsonl(path: Path, texts: Iterable[str]) -> None:
     """One {"text": ...} document per line, as data=local reads them."""
     with open(path, "w") as f:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import load_script, offline_env
+from conftest import load_script, offline_env, words
 from egmla.bench import main
 from egmla.bench.train import CSV_COLUMNS
 from egmla.config import build_model, compose
@@ -18,23 +18,10 @@ from egmla.config import build_model, compose
 def test_bench_train_smoke_writes_rows(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     argv = [
-        "train",
-        "--size",
-        "tiny",
-        "--seq",
-        "32",
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "1",
-        "--variants",
-        "mha",
-        "egmla",
-        "--set",
-        "model.vocab_size=257",
-        "--csv",
+        *words(
+            "train --size tiny --seq 32 --batch 2 --steps 1 --warmup 1 --variants "
+            "mha egmla --set model.vocab_size=257 --csv"
+        ),
         str(out),
     ]
     assert main(argv) == 0
@@ -53,23 +40,11 @@ def test_bench_train_smoke_writes_rows(tmp_path, capsys):
 def test_bench_train_entries_with_their_own_overrides(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     argv = [
-        "train",
-        "--size",
-        "tiny",
-        "--seq",
-        "32",
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--variants",
-        "egmla",
-        "egmla:attention.gate_norm=rmsnorm:attention.gate_kv=shared",
-        "--set",
-        "model.vocab_size=257",
-        "--csv",
+        *words(
+            "train --size tiny --seq 32 --batch 2 --steps 1 --warmup 0 --variants "
+            "egmla egmla:attention.gate_norm=rmsnorm:attention.gate_kv=shared --set "
+            "model.vocab_size=257 --csv"
+        ),
         str(out),
     ]
     assert main(argv) == 0
@@ -90,28 +65,11 @@ def test_bench_train_sharded_path_runs_on_two_cpu_processes(tmp_path):
     """--gpus 2 relaunches itself under torchrun and shards with FSDP2 (gloo here, NCCL on GPUs)."""
     out = tmp_path / "bench.csv"
     argv = [
-        "train",
-        "--size",
-        "tiny",
-        "--seq",
-        "32",
-        "--batch",
-        "2",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--gpus",
-        "2",
-        "--variants",
-        "egmla",
-        "--ac",
-        "selective",
-        "--prefetch",
-        "2",
-        "--set",
-        "model.vocab_size=257",
-        "--csv",
+        *words(
+            "train --size tiny --seq 32 --batch 2 --steps 2 --warmup 1 --gpus 2 "
+            "--variants egmla --ac selective --prefetch 2 --set "
+            "model.vocab_size=257 --csv"
+        ),
         str(out),
     ]
     env = offline_env()
@@ -135,20 +93,7 @@ def test_frozen_tables_experiment_freezes_the_gate_tables_alone(tmp_path):
     assert changed == set(before) - {name for name in before if name.startswith("gate_tables")}
     assert any(name.startswith("gate_tables") for name in before)
 
-    argv = [
-        sys.executable,
-        frozen_tables.__file__,
-        "--size",
-        "tiny",
-        "--seq",
-        "32",
-        "--batch",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-    ]
+    argv = [sys.executable, frozen_tables.__file__, *words("--size tiny --seq 32 --batch 2 --steps 1 --warmup 0")]
     done = subprocess.run(argv, env=offline_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     variants = [line.split()[0] for line in done.stdout.splitlines()[1:]]

@@ -9,7 +9,7 @@ import csv
 import pytest
 import torch
 
-from conftest import needs_triton, run_under_triton_interpreter, small_model
+from conftest import needs_triton, run_under_triton_interpreter, small_model, words
 from egmla import accounting, kernels
 from egmla.bench import decode as bench
 from egmla.bench import main
@@ -135,21 +135,10 @@ def test_expand_variants():
 
 
 TINY = [
-    "--size",
-    "tiny",
-    "--set",
-    "model.vocab_size=257",
-    "model.n_layers=2",
-    "--batch",
-    "2",
-    "--steps",
-    "1",
-    "--warmup",
-    "0",
-    "--prefill-chunk",
-    "16",
-    "--block-s",
-    "8",
+    *words(
+        "--size tiny --set model.vocab_size=257 model.n_layers=2 --batch 2 "
+        "--steps 1 --warmup 0 --prefill-chunk 16 --block-s 8"
+    )
 ]
 # KV bytes per token of the tiny model (2 layers, d_model 128, 4 heads; MLA kv 64, EG-MLA kv 16, RoPE 16),
 # in fp32 (the CPU benchmark's dtype), by hand from the table in docs/paper.md.
@@ -178,13 +167,7 @@ def test_bench_decode_rows_every_variant(tmp_path, capsys):
     argv = [
         "decode",
         *TINY,
-        "--context",
-        "21",
-        "--budget-gib",
-        "0.01",
-        "--max-batch-run",
-        "3",
-        "--variants",
+        *words("--context 21 --budget-gib 0.01 --max-batch-run 3 --variants"),
         *bench.DEFAULT_VARIANTS,
         "--csv",
         str(out),
@@ -197,20 +180,11 @@ def test_bench_decode_rows_every_variant(tmp_path, capsys):
         columns
         == bench.CSV_COLUMNS
         == [
-            "variant",
-            "size",
-            "context",
-            "batch",
-            "card",
-            "cache_bytes_measured",
-            "cache_bytes_analytic",
-            "step_ms",
-            "tok_per_s",
-            "max_batch_in_budget",
-            "budget_gib",
-            "us_per_seq_layer",
-            "date",
-            "commit",
+            *words(
+                "variant size context batch card cache_bytes_measured "
+                "cache_bytes_analytic step_ms tok_per_s max_batch_in_budget budget_gib "
+                "us_per_seq_layer date commit"
+            )
         ]
     )
     assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for v in TINY_KV_BYTES for b in ("2", "3")]
@@ -239,19 +213,7 @@ def test_bench_refuses_a_fused_result_that_does_not_match(tmp_path, monkeypatch,
 
 def test_bench_refuses_heads_per_program_that_does_not_divide_the_heads(tmp_path, capsys):
     out = tmp_path / "decode.csv"
-    argv = [
-        "decode",
-        *TINY,
-        "--context",
-        "12",
-        "--variants",
-        "mha",
-        "egmla_fused",
-        "--heads-per-program",
-        "3",
-        "--csv",
-        str(out),
-    ]
+    argv = ["decode", *TINY, *words("--context 12 --variants mha egmla_fused --heads-per-program 3 --csv"), str(out)]
     assert main(argv) == 2
     assert "--heads-per-program 3 must be a power of two dividing the model's 4 heads" in capsys.readouterr().err
     assert out.read_text().count("\n") == 2  # header and the mha row measured before the refusal are kept
@@ -323,19 +285,7 @@ def test_zipf_ids_are_text_like_and_in_range():
 
 def test_bench_decode_with_zipf_ids(tmp_path):
     out = tmp_path / "decode.csv"
-    argv = [
-        "decode",
-        *TINY,
-        "--context",
-        "21",
-        "--ids",
-        "zipf",
-        "--variants",
-        "egmla",
-        "egmla_fused",
-        "--csv",
-        str(out),
-    ]
+    argv = ["decode", *TINY, *words("--context 21 --ids zipf --variants egmla egmla_fused --csv"), str(out)]
     assert main(argv) == 0
     _, rows = _rows(out)
     assert [r["variant"] for r in rows] == ["egmla", "egmla_fused_reference", "egmla_fused_emb_reference"]

@@ -21,7 +21,7 @@ import pytest
 import torch
 from datasets import ClassLabel, Features, Sequence, Value
 
-from conftest import WORDS, run_training, write_jsonl
+from conftest import WORDS, run_training, words, write_jsonl
 from egmla.eval import eval_data, offline_tasks
 from egmla.eval.callback import PeriodicEval
 from egmla.eval.offline_tasks import lm_eval_tasks_dir, loadable_tasks, mmlu_subjects, write_tasks
@@ -31,14 +31,11 @@ from egmla.model import ConfigError
 
 ROWS = 3  # per split: the suite runs with eval.limit=4, so every row is scored
 OFFLINE_TASKS = [
-    "piqa_offline",
-    "arc_easy_offline",
-    "arc_challenge_offline",
-    "hellaswag_offline",
-    "winogrande_offline",
-    "social_iqa_offline",
-    "mmlu_offline",
-    "lambada_openai_offline",
+    *words(
+        "piqa_offline arc_easy_offline arc_challenge_offline hellaswag_offline "
+        "winogrande_offline social_iqa_offline mmlu_offline "
+        "lambada_openai_offline"
+    )
 ]
 # The split lm-eval's stock task scores (test if it has one, else validation; its YAML's test_split).
 STOCK_SPLITS = {
@@ -197,16 +194,9 @@ def corpus(tmp_path_factory) -> Path:
 def train_overrides(corpus: Path, run_dir: Path, steps: int = 3) -> list[str]:
     files = [f"data.data_files.train={corpus / 'train.jsonl'}", f"data.data_files.validation={corpus / 'val.jsonl'}"]
     return [
-        "model=tiny",
-        "model.n_layers=2",
-        "attention=egmla",
-        "data=local",
+        *words("model=tiny model.n_layers=2 attention=egmla data=local"),
         *files,
-        "data.tokenizer=gpt2",
-        "data.seq_len=32",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        "data.shuffle_window=4",
+        *words("data.tokenizer=gpt2 data.seq_len=32 data.batch_size=4 data.num_workers=0 data.shuffle_window=4"),
         f"run_dir={run_dir}",
         f"train.max_steps={steps}",
         f"train.val_every={steps}",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import needs_triton, run_under_triton_interpreter, small_model, triton_interpreted
+from conftest import needs_triton, run_under_triton_interpreter, small_model, triton_interpreted, words
 from egmla.model import ConfigError
 
 FUSED = {
@@ -77,16 +77,6 @@ def test_the_fused_expand_experiment_checks_the_op_against_fp32_under_the_interp
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines()[1:]]
     assert [row[0] for row in rows] == [
-        "k",
-        "v",
-        "d_latent",
-        "d_emb",
-        "d_k_rope",
-        "d_W_ukv",
-        "d_W_ue",
-        "d_k_weight",
-        "d_k_bias",
-        "d_v_weight",
-        "d_v_bias",
+        *words("k v d_latent d_emb d_k_rope d_W_ukv d_W_ue d_k_weight d_k_bias d_v_weight d_v_bias")
     ]
     assert all(float(row[1]) < 1e-5 for row in rows), done.stdout
