@@ -101,7 +101,8 @@ def test_frozen_tables_experiment_freezes_the_gate_tables_alone(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
-def test_bench_refuses_a_real_size_without_a_gpu(capsys):
-    assert main(["train", "--size", "120m", "--variants", "mha"]) == 2
+@pytest.mark.parametrize("argv", [["train", "--variants", "mha"], ["decode", "--context", "16384", "--batch", "32"]])
+def test_bench_refuses_a_real_size_without_a_gpu(argv, capsys):
+    assert main([*argv, "--size", "120m"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--size 120m needs a CUDA GPU and none is visible" in err[0]

@@ -447,6 +447,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and args.size != "tiny":  # 120m at 16K context x 32 rows filled a 24 GB host's memory
+        print(
+            f"egmla-bench: error: --size {args.size} needs a CUDA GPU and none is visible: run it on a GPU machine, "
+            "or check the benchmark itself on the CPU with --size tiny",
+            file=sys.stderr,
+        )
+        return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     launch = kernels.LaunchOptions(
