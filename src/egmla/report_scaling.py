@@ -69,10 +69,10 @@ def scaling_points(runs: Sequence[Run]) -> list[Point]:
     return points
 
 
-def margin_lines(points: Sequence[Point]) -> list[str]:
+def margin_lines(points: Sequence[Point], figures: Sequence[str]) -> list[str]:
     """table.md's section: validation loss per size (rows) and variant (columns, the largest KV cache first, so
     the baseline leads); with two variants, the second minus the first at each size (negative: the second is
-    better)."""
+    better); then the links to `figures`, the ones drawn."""
     first_kv = {p.variant: p.kv_bytes or 0 for p in reversed(points)}
     variants = sorted(dict.fromkeys(p.variant for p in points), key=lambda v: -first_kv[v])
     sizes = list(dict.fromkeys(p.size for p in points))
@@ -93,10 +93,8 @@ def margin_lines(points: Sequence[Point]) -> list[str]:
         "Validation loss (nats/token); non-embedding parameters of the first variant listed at each size."
         + (f" {len(averaged)} point(s) average several runs (seeds)." if averaged else ""),
         "",
-        f"![validation loss vs parameters]({PARAMS_PNG})",
+        *figures,
     ]
-    if all(p.flops for p in points):
-        lines.append(f"![validation loss vs training FLOPs]({FLOPS_PNG})")
     return lines
 
 
@@ -141,6 +139,7 @@ def add_scaling(out: Path, title: str, runs: Sequence[Run]) -> list[str]:
         "non-embedding parameters (log scale)",
         f"{title}: validation loss vs parameters",
     )
+    figures = [f"![validation loss vs parameters]({PARAMS_PNG})"]
     if all(p.flops and math.isfinite(p.flops) for p in points):
         plot_scaling(
             out / FLOPS_PNG,
@@ -149,4 +148,5 @@ def add_scaling(out: Path, title: str, runs: Sequence[Run]) -> list[str]:
             "training FLOPs (flops_per_token x tokens; log scale)",
             f"{title}: validation loss vs training compute",
         )
-    return margin_lines(points)
+        figures.append(f"![validation loss vs training FLOPs]({FLOPS_PNG})")
+    return margin_lines(points, figures)
