@@ -103,7 +103,9 @@ class LanguageModel(L.LightningModule):
         if self._first_bad is None or self._first_bad.device != loss.device:
             self._first_bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=loss.device)  # step, loss
         bad = ~torch.isfinite(loss.detach()) & (self._first_bad[0] < 0)
-        step = torch.tensor(float(self.global_step), dtype=torch.float64, device=loss.device)
+        # torch.full, not torch.tensor: a tensor built from Python data is copied to the GPU with a stream sync,
+        # which stalled the host once per step just as reading the loss did; full() launches a fill kernel.
+        step = torch.full((), float(self.global_step), dtype=torch.float64, device=loss.device)
         self._first_bad = torch.where(bad, torch.stack([step, loss.detach().double()]), self._first_bad)
 
     def _raise_if_diverged(self, check_weights: bool = False) -> None:
@@ -166,7 +168,7 @@ class LanguageModel(L.LightningModule):
         self._val_sums += torch.stack(
             [
                 nats.sum(),
-                torch.tensor(nats.numel(), device=self.device, dtype=torch.float64),
+                torch.full((), nats.numel(), device=self.device, dtype=torch.float64),
                 torch.where(nbytes > 0, nats, 0).sum(),
                 nbytes.sum(),
             ]
