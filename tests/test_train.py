@@ -225,6 +225,26 @@ def test_last_checkpoint_holds_the_final_step(corpus, tmp_path):
     assert ckpt["global_step"] == 5
 
 
+def test_the_final_checkpoint_is_written_after_fit_moved_the_model(corpus, tmp_path, monkeypatch):
+    """On a GPU, Lightning's teardown moves the module to the CPU when fit ends, before the final step's checkpoint
+    is written (max_steps not a multiple of ckpt_every), while the last batch stays on the GPU: the save-time check
+    must not run the model then (it did, and the run died after training). Simulated: teardown also moves that
+    batch to the meta device, where running the model on it fails."""
+    from lightning.pytorch.strategies import Strategy
+
+    teardown = Strategy.teardown
+
+    def teardown_and_strand_the_batch(strategy):
+        teardown(strategy)
+        module = strategy.lightning_module
+        module._last_ids = module._last_ids.to("meta")
+
+    monkeypatch.setattr(Strategy, "teardown", teardown_and_strand_the_batch)
+    run_training(overrides(corpus, tmp_path / "run", "train.max_steps=5", "train.ckpt_every=2"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 5
+
+
 def test_last_checkpoint_links_to_the_newest_instead_of_a_second_write(corpus, tmp_path):
     """Each checkpoint is written once (a 1.2B one takes a minute); last.ckpt is a link to the newest, and a
     resume that finds the link dangling (a stop between the write and the link) takes the newest checkpoint."""

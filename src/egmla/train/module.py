@@ -59,6 +59,7 @@ class LanguageModel(L.LightningModule):
         self.last_val_step = -1
         self._last_ids: torch.Tensor | None = None  # the last training batch (checked against before a save)
         self._first_bad: torch.Tensor | None = None  # [step, loss] of the first non-finite loss ([-1, 0]: none)
+        self._weights_checked_step = -1  # the step whose weights last passed the save-time check
 
     def configure_model(self) -> None:
         """Activation checkpointing, compilation and (under trainer=fsdp) FSDP2 sharding, applied once, in place:
@@ -93,7 +94,9 @@ class LanguageModel(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             datamodule.position.update(batch["state"])  # this batch is consumed: resume after it
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+        # Not a prog_bar metric: Lightning turns those into Python numbers after every batch (.item(), a wait for
+        # the GPU once per step); the progress display reads train/loss at its redraws (egmla.train.progress).
+        self.log("train/loss", loss, on_step=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     # A non-finite loss is recorded on the device and looked at only at log points, checkpoint saves and the end:
@@ -113,6 +116,7 @@ class LanguageModel(L.LightningModule):
         loss of the weights on the last batch or its gradient is)."""
         step, value = self._first_bad.tolist() if self._first_bad is not None else (-1.0, 0.0)
         finite_weights = 1.0
+        check_weights = check_weights and self._weights_checked_step != self.global_step  # no update since
         if check_weights:
             finite = [torch.isfinite(fsdp.local(p)).all() for p in self.model.parameters()]
             finite_weights = float(torch.stack(finite).all() & self._current_weights_train_on())
@@ -127,6 +131,8 @@ class LanguageModel(L.LightningModule):
                 f"weights blew up by step {self.global_step} (they, their loss or its gradient on the last batch "
                 "are not finite); not saved"
             )
+        if check_weights:
+            self._weights_checked_step = self.global_step
 
     def _current_weights_train_on(self) -> torch.Tensor:
         """Whether the weights about to be saved give a finite loss and gradient on the last training batch. An
@@ -153,7 +159,10 @@ class LanguageModel(L.LightningModule):
             self._raise_if_diverged()
 
     def on_train_end(self) -> None:
-        self._raise_if_diverged()
+        # The final weights are checked now, on the device they trained on: when fit returns, Lightning has moved the
+        # module to the CPU, and the final step's checkpoint (written after fit, if no periodic one holds it) reuses
+        # this check instead of running the model there on a batch left on the GPU.
+        self._raise_if_diverged(check_weights=True)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)

@@ -20,9 +20,7 @@ class StepProgressBar(TQDMProgressBar):
         return trainer.max_steps * trainer.accumulate_grad_batches if trainer.max_steps > 0 else float("inf")
 
     def get_metrics(self, trainer, pl_module):
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
+        return shown_metrics(super().get_metrics(trainer, pl_module), trainer)
 
 
 class StepLines(ProgressBar):
@@ -47,8 +45,7 @@ class StepLines(ProgressBar):
             print(text, file=self.stream or sys.stdout, flush=True)
 
     def _metrics(self, trainer, pl_module) -> str:
-        metrics = self.get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
+        metrics = shown_metrics(self.get_metrics(trainer, pl_module), trainer)
         return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -64,6 +61,15 @@ class StepLines(ProgressBar):
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self._print(trainer, f"validation at step {trainer.global_step}: {self._metrics(trainer, pl_module)}")
+
+
+def shown_metrics(metrics: dict, trainer) -> dict:
+    """The progress-bar metrics with the training loss first and without v_num. train/loss is logged without
+    prog_bar (Lightning would read every prog_bar metric back from the GPU after each batch), so it is read here,
+    at a redraw, from the callback metrics."""
+    metrics = {k: v for k, v in metrics.items() if k != "v_num"}
+    loss = trainer.callback_metrics.get("train/loss")
+    return {"train/loss": float(loss), **metrics} if loss is not None else metrics
 
 
 def progress_callback(every: int, stream=None) -> ProgressBar:
