@@ -1,0 +1,79 @@
+"""The scripts that print the study READMEs' tables (experiments/readme_tables.py, experiments/throughput/
+loop_vs_bench.py), checked on a small made-up study against figures computed here by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+
+from conftest import load_script
+
+COLUMNS = "run_dir attention variant kv_lora_rank gate_dim seed kv_bytes_per_token val_loss val_bpb tok_per_s"
+COLUMNS += " train_loss_at_equal_time avg_acc equal_time_s train_tokens"
+
+
+def write_run(root, trial: str, attention: str, gate_dim: str, val: dict[int, float]) -> dict:
+    run = root / "runs" / trial
+    (run / "csv" / "version_0").mkdir(parents=True)
+    with open(run / "csv" / "version_0" / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["step", "val/loss"])
+        writer.writeheader()
+        writer.writerows({"step": step - 1, "val/loss": loss} for step, loss in val.items())
+    return dict(
+        run_dir=str(run),
+        attention=attention,
+        variant="egmla",
+        kv_lora_rank="64",
+        gate_dim=gate_dim,
+        seed="1",
+        kv_bytes_per_token="3072",
+        val_loss=str(val[max(val)]),
+        val_bpb="0.9",
+        tok_per_s="360000.4",
+        train_loss_at_equal_time="1.6",
+        avg_acc="0.3412",
+        equal_time_s="100",
+        train_tokens="40000000",
+    )
+
+
+def test_readme_tables_print_every_row_and_the_validations(tmp_path, capsys):
+    rows = [
+        write_run(tmp_path, "trial-002", "egmla-kv64-g64", "64", {10: 2.5, 20: 1.75}),
+        write_run(tmp_path, "trial-001", "egmla-kv64-g256", "256", {10: 2.25, 20: 1.5}),
+    ]
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS.split())
+        writer.writeheader()
+        writer.writerows(rows)
+    load_script("experiments/readme_tables.py").main(tmp_path)
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "| 001 | EG-MLA kv64, gate_dim 256, seed 1 | 3,072 | 1.5000 | 0.9000 | 360,000 | 1.6000 | 34.12 |"
+    assert "| row | 20.0M | 40.0M |" in out  # 40M tokens in 20 steps: validations at 20M and 40M
+    assert "| EG-MLA kv64, gate_dim 64, seed 1 | 2.500 | 1.750 |" in out
+
+
+def test_loop_vs_bench_takes_the_harmonic_mean_of_steady_windows(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "loop"
+    run.mkdir()
+    with open(run / "metrics.csv", "w") as f:  # the first window (compilation) is left out
+        f.write("step,perf/tok_per_s\n19,1000\n39,300000\n59,600000\n")
+    (run / "environment.json").write_text(json.dumps({"git": {"commit": "abcdef123"}}))
+    script = load_script("experiments/throughput/loop_vs_bench.py")
+    bench = tmp_path / "results.csv"
+    bench.write_text(
+        "variant,size,seq,batch,gpus,card,tok_per_s,mfu,peak_mem_gib,date,commit\n"
+        "mha,120m,2048,16,1,H200,500000,0.5,13,2026-12-04,abcdef1\n"
+    )
+    monkeypatch.setattr(script, "HERE", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["loop_vs_bench.py", "--bench-commit", "abcdef1", f"mha={run}"])
+    script.main()
+    row = capsys.readouterr().out.splitlines()[-1]
+    # equal-token windows at 300K and 600K tok/s: 2 windows of N tokens in N/300K + N/600K s = 400K tok/s
+    assert row == f"| mha | {run} | abcdef1 | 400,000 | metric log, 2 windows | 500,000 | 0.800 |"
+    with pytest.raises(KeyError):  # no benchmark row of that variant at that commit
+        monkeypatch.setattr(sys, "argv", ["loop_vs_bench.py", "--bench-commit", "abcdef1", f"mla-kv256={run}"])
+        script.main()
