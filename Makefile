@@ -10,7 +10,7 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # Tests and demos never touch the model hub.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: help setup test lint format kv data data-code eval-data demo bench bench-fsdp bench-decode reproduce-table-kv \
+.PHONY: help setup test lint format kv data data-code eval-data demo bench bench-fsdp bench-loop bench-decode reproduce-table-kv \
 	reproduce-table-tiny reproduce-table1-small reproduce-gate-dim-small reproduce-scaling-small reproduce-table1 reproduce-latent-sweep \
 	reproduce-gate-dim reproduce-scaling clean
 
@@ -84,6 +84,20 @@ bench-fsdp: setup  ## the ~1.2B EG-MLA on one GPU, then sharded over GPUS (defau
 	    --compile-scope blocks --csv $(THROUGHPUT_CSV)
 	$(BIN)/egmla-bench train --size 1.2b --variants egmla --seq 2048 --batch $(FSDP_BATCH) --ac selective --no-reshard \
 	    --gpus $(GPUS) --csv $(THROUGHPUT_CSV)
+
+# The training loop against the benchmark, one GPU, same settings (120M, seq 2048, batch 16, compiled, fused loss):
+# the benchmark's three variants, then 400 steps of each through egmla-train on the code corpus (runs/loop/, cleared
+# first), then the table of both tok/s and their ratio (experiments/throughput/README.md, "The training loop ...").
+LOOP_ROWS := mha:mha mla-kv256:mla_base egmla-kv64-g256:egmla_kv64
+LOOP_TOKENS ?= 13107200
+
+bench-loop: setup data/code/fingerprint.json  ## egmla-train's tok/s against egmla-bench train's, 120M, one GPU (appends to THROUGHPUT_CSV)
+	$(BIN)/egmla-bench train --size 120m --seq 2048 --batch 16 --variants mha mla egmla --csv $(THROUGHPUT_CSV)
+	rm -rf runs/loop
+	for row in $(LOOP_ROWS); do $(OFFLINE) $(BIN)/python -m egmla.train experiment=table1_small/$${row#*:} \
+		train.max_tokens=$(LOOP_TOKENS) train.val_every=100000 run_dir=runs/loop/$${row#*:} || exit 1; done
+	$(BIN)/python experiments/throughput/loop_vs_bench.py --csv $(THROUGHPUT_CSV) \
+		$(foreach row,$(LOOP_ROWS),$(word 1,$(subst :, ,$(row)))=runs/loop/$(word 2,$(subst :, ,$(row))))
 
 DECODE_CSV ?= experiments/decode/results.csv
 DECODE_CONTEXTS ?= 1024 4096 16384 32768

@@ -62,3 +62,28 @@ def test_small_study_targets_run_sweep_eval_and_table_offline(tmp_path):
         assert f"{bin_dir}/egmla-table runs/sweeps/{sweep} --out experiments/{sweep}" in planned
     planned = make("-n", "-B", "data/code/fingerprint.json", f"BIN={bin_dir}").stdout  # what the study builds
     assert "-m egmla.data.code_corpus --out data/code --min-tokens 150000000" in planned
+
+
+def test_bench_loop_measures_the_benchmark_then_the_loop_then_tables_both(tmp_path):
+    """make bench-loop (dry run): the benchmark of the three variants, 400 steps of each through egmla-train on
+    the code corpus in a cleared runs/loop/, then loop_vs_bench.py over exactly those runs and that CSV."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "egmla-bench").write_text("#!/bin/sh\n")
+    (bin_dir / "egmla-bench").chmod(0o755)
+    args = ("-n", "-W", "data/code/fingerprint.json", "bench-loop", f"BIN={bin_dir}", "THROUGHPUT_CSV=out.csv")
+    planned = make(*args).stdout.splitlines()
+    steps = [line for line in planned if not line.startswith(("test -x", "\t"))]
+    assert (
+        steps[0]
+        == f"{bin_dir}/egmla-bench train --size 120m --seq 2048 --batch 16 --variants mha mla egmla --csv out.csv"
+    )
+    assert steps[1] == "rm -rf runs/loop"
+    assert "experiment=table1_small/${row#*:}" in steps[2] and "mla-kv256:mla_base" in steps[2]
+    assert "train.max_tokens=13107200 train.val_every=100000 run_dir=runs/loop/${row#*:}" in "\n".join(planned)
+    assert planned[-1].split() == [
+        "mha=runs/loop/mha",
+        "mla-kv256=runs/loop/mla_base",
+        "egmla-kv64-g256=runs/loop/egmla_kv64",
+    ]
+    assert f"{bin_dir}/python experiments/throughput/loop_vs_bench.py --csv out.csv" in "\n".join(planned)

@@ -67,13 +67,19 @@ def test_loop_vs_bench_takes_the_harmonic_mean_of_steady_windows(tmp_path, monke
     bench.write_text(
         "variant,size,seq,batch,gpus,card,tok_per_s,mfu,peak_mem_gib,date,commit\n"
         "mha,120m,2048,16,1,H200,500000,0.5,13,2026-12-04,abcdef1\n"
+        "mha,120m,2048,32,1,H200,520000,0.5,30,2026-12-04,abcdef1\n"  # another batch: not this loop's
     )
-    monkeypatch.setattr(script, "HERE", tmp_path)
+    monkeypatch.setattr(script, "HERE", tmp_path)  # results.csv is read from here by default
     monkeypatch.setattr(sys, "argv", ["loop_vs_bench.py", "--bench-commit", "abcdef1", f"mha={run}"])
     script.main()
     row = capsys.readouterr().out.splitlines()[-1]
     # equal-token windows at 300K and 600K tok/s: 2 windows of N tokens in N/300K + N/600K s = 400K tok/s
     assert row == f"| mha | {run} | abcdef1 | 400,000 | metric log, 2 windows | 500,000 | 0.800 |"
-    with pytest.raises(KeyError):  # no benchmark row of that variant at that commit
+    with open(bench, "a") as f:  # a newer benchmark of the same settings: the default compares against it
+        f.write("mha,120m,2048,16,1,H200,450000,0.5,13,2026-12-05,fedcba9\n")
+    monkeypatch.setattr(sys, "argv", ["loop_vs_bench.py", f"mha={run}"])
+    script.main()
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| 450,000 | 0.889 |")
+    with pytest.raises(SystemExit, match="no benchmark row of mla-kv256"):
         monkeypatch.setattr(sys, "argv", ["loop_vs_bench.py", "--bench-commit", "abcdef1", f"mla-kv256={run}"])
         script.main()

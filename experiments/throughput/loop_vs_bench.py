@@ -1,10 +1,11 @@
 """egmla-train's steady tok/s against egmla-bench train's, per variant, as Markdown: the loop figures from what the
 runs wrote (results.json `train.tok_per_s`, or for a run without results.json its metric log: every
-perf/tok_per_s window but the first, each of the same number of steps), the benchmark's from results.csv rows of
-one commit.
+perf/tok_per_s window but the first, each of the same number of steps), the benchmark's from results.csv rows at
+the same settings (120M, seq 2048, batch 16, one GPU): those of one commit, or the newest of each variant.
 
     python experiments/throughput/loop_vs_bench.py --bench-commit c08f4c39b250 \\
         mha=experiments/throughput/loop_runs/mha egmla-kv64-g256=experiments/table1_small/runs/trial-010 ...
+    make bench-loop        # measures both on this GPU, then prints this table
 """
 
 from __future__ import annotations
@@ -35,20 +36,26 @@ def commit_of(run: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bench-commit", required=True, help="results.csv rows of this commit (a prefix)")
+    parser.add_argument("--bench-commit", help="results.csv rows of this commit (default: each variant's newest row)")
+    parser.add_argument("--csv", type=Path, default=HERE / "results.csv", help="the benchmark's results.csv")
     parser.add_argument("runs", nargs="+", help="VARIANT=RUN_DIR, VARIANT as results.csv names it")
     args = parser.parse_args()
-    with open(HERE / "results.csv") as f:
-        bench = {
-            r["variant"]: float(r["tok_per_s"])
-            for r in csv.DictReader(f)
-            if r["commit"].startswith(args.bench_commit) and r["size"] == "120m" and r["gpus"] == "1"
-        }
+    with open(args.csv) as f:
+        rows = [
+            r for r in csv.DictReader(f) if (r["size"], r["seq"], r["batch"], r["gpus"]) == ("120m", "2048", "16", "1")
+        ]
+    if args.bench_commit:
+        rows = [
+            r for r in rows if r["commit"].startswith(args.bench_commit) or args.bench_commit.startswith(r["commit"])
+        ]
+    bench = {r["variant"]: float(r["tok_per_s"]) for r in rows}  # later rows win: the newest of each variant
     print("| variant | loop run | loop commit | loop tok/s | from | benchmark tok/s | loop / benchmark |")
     print("|---|---|---|---:|---|---:|---:|")
     for spec in args.runs:
         variant, run = spec.split("=", 1)
         tok_per_s, source = loop_tok_per_s(Path(run))
+        if variant not in bench:
+            raise SystemExit(f"loop_vs_bench: no benchmark row of {variant} at 120m, seq 2048, batch 16 in {args.csv}")
         ratio = tok_per_s / bench[variant]
         print(
             f"| {variant} | {run} | {commit_of(Path(run))} | {tok_per_s:,.0f} | {source} | {bench[variant]:,.0f} "
