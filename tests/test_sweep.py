@@ -394,6 +394,31 @@ def test_state_of_another_spec_is_refused(tmp_path, fake, capsys):
     assert "other parameters" in capsys.readouterr().err
 
 
+def test_a_grid_that_only_grew_runs_its_new_trials_alone(tmp_path, fake, capsys):
+    """Values appended to a grid's parameters (rows added to a study, e.g. second seeds) continue the sweep: the
+    finished trials keep their results and ids, only the new points train. Any other change is still refused."""
+    out = tmp_path / "out"
+    assert main([str(write_spec(tmp_path, GRID)), "--out", str(out), "--train-cmd", fake.train_cmd]) == 0
+    before = state(out)["trials"]
+    grown = dict(GRID, parameters={**GRID["parameters"], "x": {"values": [1, 2, 3, 4]}})
+    spec = write_spec(tmp_path, grown, "grown.yaml")
+    assert main([str(spec), "--out", str(out), "--train-cmd", fake.train_cmd]) == 0
+    assert "the grid grew by 2 trial(s); the 6 in" in capsys.readouterr().out
+    trials = state(out)["trials"]
+    assert trials[:6] == before and len(fake.calls()) == 8
+    assert [(t["id"], t["params"]["x"], t["status"]) for t in trials[6:]] == [
+        ("trial-007", 4, "finished"),
+        ("trial-008", 4, "finished"),
+    ]
+    assert state(out)["parameters"]["x"] == {"values": [1, 2, 3, 4]}
+    for changed in ({"values": [2, 1, 3, 4]}, {"values": [1, 2]}):  # reordered, shrunk: another sweep
+        other = dict(grown, parameters={**grown["parameters"], "x": changed})
+        assert main([str(write_spec(tmp_path, other, "other.yaml")), "--out", str(out)]) == 2
+        assert "other parameters" in capsys.readouterr().err
+    seed_changed = dict(grown, parameters={**grown["parameters"], "seed": {"value": 8}})
+    assert main([str(write_spec(tmp_path, seed_changed, "seed.yaml")), "--out", str(out)]) == 2
+
+
 # ------------------------------------------------------------------------------------- the committed sweeps
 
 # spec -> (number of trials, the first trial's overrides)

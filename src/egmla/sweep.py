@@ -15,7 +15,9 @@ metric is then read from its results.json (`val/loss` -> results["val"]["loss"])
 
 State lives in `<out>/sweep_state.json`: every trial with its parameters, status, metric and wall time. Rerunning
 the same command resumes: finished trials are skipped, a trial whose run_dir has a results.json is not trained
-again, and a trial that stopped mid-way continues from its last checkpoint (`resume=last`). Child output goes to
+again, and a trial that stopped mid-way continues from its last checkpoint (`resume=last`). A grid spec that only
+gained values at the end of its lists (rows added to a study) continues the same way, training only the new points;
+any other change of the spec is refused. Child output goes to
 `<run_dir>/sweep.log`. Grid sweeps end when the grid is exhausted; random and bayes need `--max-trials` or the
 spec's `run_cap`. One runner per sweep folder: a second one on the same `--out` is refused (`<out>/.lock`, an OS
 lock that dies with its holder), and each trainer locks its own run dir. The children die with the runner (SIGTERM,
@@ -259,7 +261,10 @@ def load_state(out: Path, spec: Spec, extra: list[str]) -> list[Trial]:
             trial.run_dir = str(out / trial.id) if trial.run_dir else ""
     except (ValueError, KeyError, TypeError) as exc:
         raise SweepError(f"{path} is unreadable ({exc}): move it away to start the sweep afresh") from None
-    if state.get("method") != spec.method or state.get("parameters") != spec.parameters:
+    grown = _grid_grew(state, spec)
+    if grown:
+        print(f"egmla-sweep: note: the grid grew by {grown} trial(s); the {len(trials)} in {out} keep their results")
+    elif state.get("method") != spec.method or state.get("parameters") != spec.parameters:
         raise SweepError(
             f"{path} belongs to a sweep with other parameters or method (spec {state.get('spec')}): "
             f"use another --out, or remove {STATE_FILE} to start afresh"
@@ -270,6 +275,27 @@ def load_state(out: Path, spec: Spec, extra: list[str]) -> list[Trial]:
             "finished trials keep their results"
         )
     return trials
+
+
+def _grid_grew(state: dict, spec: Spec) -> int:
+    """How many trials a grid spec adds to the grid it was saved with, where it only appends values (the same
+    parameters, each old value list a prefix of the new one, constants unchanged): rows added to a study, say a
+    second seed. 0 otherwise, including for an unchanged spec."""
+    old = state.get("parameters")
+    if spec.method != "grid" or state.get("method") != "grid" or old == spec.parameters:
+        return 0
+    if not isinstance(old, dict) or list(old) != list(spec.parameters):
+        return 0
+    for name, body in spec.parameters.items():
+        before = old[name]
+        if "values" in body and "values" in before:
+            appended = body["values"][: len(before["values"])] == before["values"]
+            others = [{k: v for k, v in b.items() if k != "values"} for b in (body, before)]
+            if not appended or others[0] != others[1]:
+                return 0
+        elif body != before:
+            return 0
+    return grid_size(spec) - grid_size(Spec(spec.path, {**spec.config, "parameters": old}))
 
 
 def save_state(out: Path, spec: Spec, extra: list[str], trials: list[Trial]) -> None:
