@@ -30,17 +30,28 @@ class DataError(ConfigError):
         super().__init__(message)
 
 
+def file_patterns(data_files: dict | str | list | None) -> list[str]:
+    """Every path or glob of a `data_files` setting (a pattern, a list of them, or a mapping of splits to those)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, str | os.PathLike):
+        return [os.fspath(data_files)]
+    if isinstance(data_files, dict):
+        return [p for value in data_files.values() for p in file_patterns(value)]
+    return [p for value in data_files for p in file_patterns(value)]
+
+
+def local_matches(pattern: str) -> list[str]:
+    """The files a local path or glob (~ expanded) matches; none for a remote URL, which `datasets` resolves."""
+    return [] if "://" in pattern else glob.glob(os.path.expanduser(pattern), recursive=True)
+
+
 def split_files(spec) -> list[Path]:
     """The local files of spec's split, in the order `datasets` reads them (remote ones left out)."""
     files = spec.data_files
     if isinstance(files, dict):
         files = files.get(spec.split)
-    patterns = [files] if isinstance(files, str | os.PathLike) else list(files or [])
-    found = []
-    for pattern in map(os.fspath, patterns):
-        if "://" not in pattern:
-            found += sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
-    return found
+    return [Path(p) for pattern in file_patterns(files) for p in sorted(local_matches(pattern))]
 
 
 def _problem(line: bytes, spec) -> str | None:

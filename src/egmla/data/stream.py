@@ -49,9 +49,7 @@ trained on (not the prefetched ones) and produces the `resume` dict; each data-p
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -61,7 +59,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .rows import bad_rows
+from .rows import bad_rows, file_patterns, local_matches
 
 __all__ = ["PackedBatches", "SourceSpec", "StreamPosition", "open_documents"]
 
@@ -122,27 +120,15 @@ class SourceSpec:
         return bool(self.token_field)
 
 
-def _file_patterns(data_files: dict | str | list | None) -> list[str]:
-    if data_files is None:
-        return []
-    if isinstance(data_files, str | os.PathLike):
-        return [os.fspath(data_files)]
-    if isinstance(data_files, dict):
-        return [p for value in data_files.values() for p in _file_patterns(value)]
-    return [p for value in data_files for p in _file_patterns(value)]
-
-
 def check_local_files(spec: SourceSpec) -> None:
     """Fail in one line, naming the path and the fix, if a local data file or glob matches nothing."""
     if spec.builder not in LOCAL_BUILDERS:
         return
-    patterns = _file_patterns(spec.data_files)
+    patterns = file_patterns(spec.data_files)
     if not patterns:
         raise FileNotFoundError(f"the {spec.builder} source has no data_files: {MISSING_DATA_HINT}")
     for pattern in patterns:
-        if "://" in pattern:  # a remote URL: datasets resolves it
-            continue
-        if not glob.glob(os.path.expanduser(pattern), recursive=True):
+        if "://" not in pattern and not local_matches(pattern):
             raise FileNotFoundError(f"data file not found: {pattern}: {MISSING_DATA_HINT}")
 
 
@@ -300,14 +286,10 @@ class PackedBatches(IterableDataset):
         }
 
     def _check_resume(self, num_workers: int | None) -> None:
-        if self.resume is None:
-            return
         now = self._settings(num_workers)
-        for key in SETTING_KEYS:
-            if key == "num_workers" and num_workers is None:  # not known yet: checked when iteration starts
-                continue
-            if key in self.resume and self.resume[key] != now[key]:
-                raise _resume_error(key, self.resume[key], now[key])
+        if num_workers is None:  # not known yet: checked when iteration starts
+            del now["num_workers"]
+        check_resume(self.resume, now)
 
     # --- documents ----------------------------------------------------------------------------------------
 
@@ -436,6 +418,16 @@ class PackedBatches(IterableDataset):
         shard, num_shards = self.rank * num_workers + role, self.world_size * num_workers
         windows = self._windows(_load(self.source), start, shard, num_shards)
         yield from self._batches(windows, skip_blocks, role, self._settings(num_workers))
+
+
+def check_resume(resume: dict | None, settings: dict[str, Any]) -> None:
+    """Raise a one-line ValueError when a saved stream position (`resume`, a StreamPosition state) was written
+    with other settings than `settings` (SETTING_KEYS; a key absent from either is not compared)."""
+    if not resume or resume.get("batches_consumed", 0) <= 0:
+        return
+    for key in SETTING_KEYS:
+        if key in resume and key in settings and resume[key] != settings[key]:
+            raise _resume_error(key, resume[key], settings[key])
 
 
 class StreamPosition:

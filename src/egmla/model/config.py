@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..kernels import is_power_of_two
+
 VARIANTS = ("mha", "gqa", "mqa", "mla", "egmla")
 GATE_ON = ("content", "latent")
 GATE_ACTIVATIONS = ("none", "sigmoid", "silu")
@@ -30,23 +32,24 @@ def error_summary(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def is_power_of_two(value: int, minimum: int = 1) -> bool:
-    """value is a power of two >= minimum (Triton tiles need such widths)."""
-    return value >= minimum and not value & (value - 1)
-
-
-def _fail(key: str, value: Any, valid: str) -> None:
+def reject(key: str, value: Any, valid: str) -> None:
+    """Raise the one-line ConfigError for a bad value: the key, the value and what is valid."""
     raise ConfigError(f"{key}={value!r} is invalid: {valid}")
+
+
+def check_int(key: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        reject(key, value, f"expected an integer >= {minimum}")
 
 
 def check_positive_int(key: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        _fail(key, value, "expected a positive integer")
+        reject(key, value, "expected a positive integer")
 
 
 def check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        _fail(key, value, f"expected one of {', '.join(valid)}")
+        reject(key, value, f"expected one of {', '.join(valid)}")
 
 
 @dataclass
@@ -166,13 +169,13 @@ class ModelConfig:
         for key in ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "max_seq_len"):
             check_positive_int(f"model.{key}", getattr(self, key))
         if self.d_model % self.n_heads:
-            _fail("model.n_heads", self.n_heads, f"must divide model.d_model={self.d_model}")
+            reject("model.n_heads", self.n_heads, f"must divide model.d_model={self.d_model}")
         if self.rope_theta <= 0:
-            _fail("model.rope_theta", self.rope_theta, "expected a positive number")
+            reject("model.rope_theta", self.rope_theta, "expected a positive number")
         if not 0 < self.norm_eps < 1:
-            _fail("model.norm_eps", self.norm_eps, "expected a small positive number such as 1e-6")
+            reject("model.norm_eps", self.norm_eps, "expected a small positive number such as 1e-6")
         if self.init_std <= 0:
-            _fail("model.init_std", self.init_std, "expected a positive number such as 0.02")
+            reject("model.init_std", self.init_std, "expected a positive number such as 0.02")
         a = self.attention
         check_choice("attention.variant", a.variant, VARIANTS)
         if a.variant in ("mha", "gqa", "mqa"):
@@ -185,27 +188,27 @@ class ModelConfig:
         if a.head_dim is not None:
             check_positive_int("attention.head_dim", a.head_dim)
         if self.head_dim % 2:
-            _fail("attention.head_dim", self.head_dim, "RoPE needs an even head dimension")
+            reject("attention.head_dim", self.head_dim, "RoPE needs an even head dimension")
         if a.absorb:
-            _fail("attention.absorb", a.absorb, "weight absorption exists only for mla and egmla (gate_on=latent)")
+            reject("attention.absorb", a.absorb, "weight absorption exists only for mla and egmla (gate_on=latent)")
         if a.variant == "gqa":
             if a.n_kv_heads is None:
-                _fail("attention.n_kv_heads", None, f"gqa needs a positive divisor of model.n_heads={self.n_heads}")
+                reject("attention.n_kv_heads", None, f"gqa needs a positive divisor of model.n_heads={self.n_heads}")
             check_positive_int("attention.n_kv_heads", a.n_kv_heads)
             if self.n_heads % a.n_kv_heads:
-                _fail("attention.n_kv_heads", a.n_kv_heads, f"must divide model.n_heads={self.n_heads}")
+                reject("attention.n_kv_heads", a.n_kv_heads, f"must divide model.n_heads={self.n_heads}")
 
     def _validate_latent(self) -> None:
         a = self.attention
         check_positive_int("attention.kv_lora_rank", a.kv_lora_rank)
         if a.kv_lora_rank > self.d_model:
-            _fail("attention.kv_lora_rank", a.kv_lora_rank, f"must be in [1, model.d_model={self.d_model}]")
+            reject("attention.kv_lora_rank", a.kv_lora_rank, f"must be in [1, model.d_model={self.d_model}]")
         if a.q_lora_rank is not None:
             check_positive_int("attention.q_lora_rank", a.q_lora_rank)
         for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             check_positive_int(f"attention.{key}", getattr(a, key))
         if a.qk_rope_head_dim % 2:
-            _fail("attention.qk_rope_head_dim", a.qk_rope_head_dim, "RoPE needs an even dimension")
+            reject("attention.qk_rope_head_dim", a.qk_rope_head_dim, "RoPE needs an even dimension")
         if a.variant == "mla" or not a.gate_enabled:
             return  # plain MLA: nothing gate-related to check, and absorption is allowed
         check_positive_int("attention.gate_dim", a.gate_dim)
@@ -217,7 +220,7 @@ class ModelConfig:
         check_choice("attention.gate_init", a.gate_init, GATE_INIT)
         check_choice("attention.gate_norm_scope", a.gate_norm_scope, GATE_NORM_SCOPE)
         if a.gate_init == "identity" and a.gate_activation == "sigmoid":
-            _fail(
+            reject(
                 "attention.gate_init",
                 a.gate_init,
                 "a sigmoid gate never reaches the identity (1 for multiply, 0 for add); "
@@ -225,9 +228,9 @@ class ModelConfig:
             )
         check_positive_int("attention.gate_group_size", a.gate_group_size)
         if a.gate_group_size > self.n_layers:
-            _fail("attention.gate_group_size", a.gate_group_size, f"must be in [1, model.n_layers={self.n_layers}]")
+            reject("attention.gate_group_size", a.gate_group_size, f"must be in [1, model.n_layers={self.n_layers}]")
         if a.gate_kv == "shared" and a.gate_on == "content" and a.qk_nope_head_dim != a.v_head_dim:
-            _fail(
+            reject(
                 "attention.gate_kv",
                 a.gate_kv,
                 f"a shared K/V gate needs qk_nope_head_dim ({a.qk_nope_head_dim}) == v_head_dim "
@@ -236,17 +239,17 @@ class ModelConfig:
         if a.fused_expand and a.gate_on == "content":
             off = "set fused_expand=false"
             if a.gate_combine != "multiply":
-                _fail("attention.gate_combine", a.gate_combine, f"fused_expand multiplies the gate; {off}")
+                reject("attention.gate_combine", a.gate_combine, f"fused_expand multiplies the gate; {off}")
             if self.vector_norm:
-                _fail("attention.gate_norm_scope", a.gate_norm_scope, f"fused_expand norms per head; {off}")
+                reject("attention.gate_norm_scope", a.gate_norm_scope, f"fused_expand norms per head; {off}")
             for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank", "gate_dim"):
                 value = getattr(a, key)
                 if not is_power_of_two(value, 16):
-                    _fail(
+                    reject(
                         f"attention.{key}", value, "fused_expand needs powers of two >= 16; or set fused_expand=false"
                     )
         if a.absorb and a.gate_on == "content":
-            _fail(
+            reject(
                 "attention.absorb",
                 a.absorb,
                 "gating the K/V content blocks weight absorption; use attention.gate_on=latent or absorb=false",

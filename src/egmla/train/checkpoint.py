@@ -21,7 +21,7 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, typically): one line naming it and the last good one."""
 
     def __init__(self, path: Path, exc: OSError):
-        good = [p for p in existing_checkpoints(path.parent.parent) if p.name != "last.ckpt"]
+        good = saved_checkpoints(path.parent.parent)
         then = f"resume=last ({good[-1]}, the last good checkpoint)" if good else "rerun (no checkpoint was written)"
         super().__init__(f"cannot write checkpoint {path}: {exc.strerror or exc}; free space, then {then}")
 
@@ -64,6 +64,11 @@ def existing_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
 
 
+def saved_checkpoints(run_dir: Path) -> list[Path]:
+    """The step checkpoints written, oldest first, without the last.ckpt link."""
+    return [p for p in existing_checkpoints(run_dir) if p.name != "last.ckpt"]
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint a run resumes from: None for a new run (refused if run_dir has checkpoints)."""
     found = existing_checkpoints(run_dir)
@@ -75,19 +80,19 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             )
         return None
     if resume == "last_good":
-        return _newest_intact(found, run_dir)
+        return _newest_intact(saved_checkpoints(run_dir), run_dir)
     path = checkpoint_dir(run_dir) / "last.ckpt" if resume == "last" else Path(resume)
     if resume == "last" and path.is_symlink() and not path.exists():  # a stop between a write and its link
-        path = next((p for p in reversed(found) if p.name != "last.ckpt"), path)  # the newest checkpoint
+        path = next(reversed(saved_checkpoints(run_dir)), path)  # the newest checkpoint
     if not (path.is_file() or is_sharded_checkpoint(path)):
         hint = f"checkpoints there: {', '.join(p.name for p in found)}" if found else "start without resume"
         raise ConfigError(f"resume={resume}: no checkpoint at {path} ({hint})")
     return path
 
 
-def _newest_intact(found: list[Path], run_dir: Path) -> Path:
+def _newest_intact(saved: list[Path], run_dir: Path) -> Path:
     """resume=last_good: the newest checkpoint whose checksum holds (one written without a checksum counts)."""
-    for path in reversed([p for p in found if p.name != "last.ckpt"]):
+    for path in reversed(saved):
         try:
             verify_checksum(path)
             return path

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.rows import check_rows
-from ..data.stream import PackedBatches, SourceSpec, StreamPosition
+from ..data.stream import PackedBatches, SourceSpec, StreamPosition, check_resume
 from ..data.tokenizer import build_tokenizer
 from ..model import ConfigError
 from .settings import DataConfig
@@ -77,8 +77,17 @@ class StreamDataModule(L.LightningDataModule):
         saved = next((state for state in ranks if state.get("batches_consumed")), None)
         if saved is None:
             return
+        c = self.cfg
+        now = {
+            "num_workers": max(1, c.num_workers),  # as _dataset passes it
+            "seq_len": c.seq_len,
+            "batch_size": c.batch_size,
+            "seed": self.seed,
+            "shuffle_window": c.shuffle_window,
+            "holdout_every": c.holdout_every,
+        }
         try:
-            self._dataset("train", rank=saved.get("rank", 0), world=saved.get("world_size", 1), resume=saved)
+            check_resume(saved, now)  # the settings alone: opening the source again is not needed for that
         except ValueError as exc:
             raise ConfigError(f"resume: {exc}") from None
 

@@ -41,8 +41,8 @@ from .checkpoint import (
     check_checkpoint,
     check_world_size,
     checkpoint_dir,
-    existing_checkpoints,
     resolve_resume,
+    saved_checkpoints,
 )
 from .datamodule import StreamDataModule
 from .fsdp import fsdp2_strategy
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 def _resume_advice(run_dir: Path) -> str:
     """Where to resume after a non-finite loss: the newest checkpoint, by its exact path. Every checkpoint was
     checked finite and not blown up when it was saved."""
-    saved = [p for p in existing_checkpoints(run_dir) if p.name.startswith("step")]
+    saved = saved_checkpoints(run_dir)
     if not saved:
         return "rerun without resume (no checkpoint was written)"
     return f"resume={saved[-1]} (the last checkpoint, its weights checked finite)"

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import model_config
 from ..eval.run import EvalSettings
 from ..model import ConfigError, ModelConfig
-from ..model.config import check_choice, check_positive_int
+from ..model.config import check_choice, check_int, check_positive_int, reject
 from .budget import Budget, token_count, world_size
 from .fsdp import AC_MODES, COMPILE_SCOPES
 from .schedule import SCHEDULES
@@ -32,21 +32,8 @@ LOGGERS = ("csv", "wandb")
 # ------------------------------------------------------------------------------------------------ value checks
 
 
-def _fail(key: str, value: Any, valid: str) -> None:
-    raise ConfigError(f"{key}={value!r} is invalid: {valid}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def check_int(key: str, value: Any, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        _fail(key, value, f"expected an integer >= {minimum}")
 
 
 def check_number(
@@ -54,17 +41,17 @@ def check_number(
 ) -> None:
     """A number >= low (> low with open_low) and <= high; `valid` words the range for the message."""
     if not (_is_number(value) and (value > low if open_low else value >= low) and (high is None or value <= high)):
-        _fail(key, value, valid or f"expected a number in [{low}, {high}]")
+        reject(key, value, valid or f"expected a number in [{low}, {high}]")
 
 
 def check_bool(key: str, value: Any) -> None:
     if not isinstance(value, bool):
-        _fail(key, value, "expected true or false")
+        reject(key, value, "expected true or false")
 
 
 def check_optional_str(key: str, value: Any) -> None:
     if value is not None and not isinstance(value, str):
-        _fail(key, value, "expected a string or null")
+        reject(key, value, "expected a string or null")
 
 
 def _plain(node: Any, group: str) -> dict[str, Any]:
@@ -122,7 +109,7 @@ class OptimConfig:
         betas = self.betas
         if not (isinstance(betas, tuple) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
             shown = list(betas) if isinstance(betas, tuple) else betas
-            _fail("optim.betas", shown, "expected two numbers in [0, 1), e.g. [0.9, 0.95]")
+            reject("optim.betas", shown, "expected two numbers in [0, 1), e.g. [0.9, 0.95]")
         check_number("optim.eps", self.eps, 0, open_low=True, valid="expected a small positive number such as 1e-8")
         check_number("optim.weight_decay", self.weight_decay, 0, valid="expected a number >= 0 (0: no decay)")
         check_int("optim.warmup_steps", self.warmup_steps, minimum=0)
@@ -131,7 +118,7 @@ class OptimConfig:
         check_number("optim.decay_fraction", self.decay_fraction, 0, 1)
         check_number("optim.grad_clip", self.grad_clip, 0, valid="expected a max gradient norm >= 0 (0: off)")
         if self.fused != "auto" and not isinstance(self.fused, bool):
-            _fail("optim.fused", self.fused, "expected auto, true or false")
+            reject("optim.fused", self.fused, "expected auto, true or false")
 
 
 @dataclass(frozen=True)
@@ -160,8 +147,9 @@ class TrainConfig:
             check_positive_int(f"train.{key}", getattr(self, key))
         token_count("max_tokens", self.max_tokens)
         token_count("global_batch_tokens", self.global_batch_tokens)
-        if not _is_int(self.keep_checkpoints) or not (self.keep_checkpoints >= 1 or self.keep_checkpoints == -1):
-            _fail(
+        keep = self.keep_checkpoints
+        if isinstance(keep, bool) or not isinstance(keep, int) or not (keep >= 1 or keep == -1):
+            reject(
                 "train.keep_checkpoints",
                 self.keep_checkpoints,
                 "expected an integer >= 1 (a crashed run resumes from the newest) or -1 (keep all)",
@@ -202,7 +190,7 @@ class DataConfig:
 
     def check(self) -> None:
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            _fail("data.tokenizer", self.tokenizer, "use gpt2, bytes, a hub name or a local directory")
+            reject("data.tokenizer", self.tokenizer, "use gpt2, bytes, a hub name or a local directory")
         check_positive_int("data.seq_len", self.seq_len)
         check_positive_int("data.batch_size", self.batch_size)
         check_int("data.num_workers", self.num_workers, minimum=0)
@@ -213,7 +201,7 @@ class DataConfig:
             check_optional_str(f"data.{key}", getattr(self, key))
         for key in ("name", "train_split", "val_split"):
             if not isinstance(getattr(self, key), str):
-                _fail(f"data.{key}", getattr(self, key), "expected a string")
+                reject(f"data.{key}", getattr(self, key), "expected a string")
 
 
 @dataclass(frozen=True)
@@ -244,7 +232,7 @@ class TrainerConfig:
                 f"trainer.precision={self.precision} is not supported (fp16 needs loss scaling): use bf16-mixed"
             )
         if self.strategy == "fsdp2" and not isinstance(self.reshard_after_forward, bool):
-            _fail(
+            reject(
                 "trainer.reshard_after_forward",
                 self.reshard_after_forward,
                 "trainer.strategy=fsdp2 needs true or false (trainer=fsdp sets it)",
@@ -271,22 +259,22 @@ class Settings:
     def from_config(cls, cfg: DictConfig) -> Settings:
         """The checked settings of a composed config; a missing `???` value, a bad value or a bad combination
         raises ConfigError. Reads the config, writes nothing."""
-        try:
-            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        try:  # resolved once; each group below reads its part of this plain copy
+            plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except Exception as exc:
             raise ConfigError(f"config is incomplete: {str(exc).splitlines()[0]}") from None
-        check_int("seed", cfg.get("seed"), minimum=0)
-        logger = cfg.logger.get("name") if isinstance(cfg.get("logger"), DictConfig) else None
+        check_int("seed", plain.get("seed"), minimum=0)
+        logger = plain["logger"].get("name") if isinstance(plain.get("logger"), dict) else None
         check_choice("logger.name", logger, LOGGERS)
         settings = cls(
-            model=model_config(cfg),
-            optim=OptimConfig.from_dict(cfg.get("optim")),
-            train=TrainConfig.from_dict(cfg.get("train")),
-            data=DataConfig.from_dict(cfg.get("data")),
-            trainer=TrainerConfig.from_dict(cfg.get("trainer")),
-            eval=EvalSettings.from_dict(cfg.eval if cfg.get("eval") is not None else {}),
+            model=model_config(plain),
+            optim=OptimConfig.from_dict(plain.get("optim")),
+            train=TrainConfig.from_dict(plain.get("train")),
+            data=DataConfig.from_dict(plain.get("data")),
+            trainer=TrainerConfig.from_dict(plain.get("trainer")),
+            eval=EvalSettings.from_dict(plain["eval"] if plain.get("eval") is not None else {}),
             logger=logger,
-            seed=cfg.seed,
+            seed=plain["seed"],
         )
         settings.check()
         return settings
