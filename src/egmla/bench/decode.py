@@ -38,7 +38,7 @@ from .. import accounting, kernels
 from ..config import build_model, compose
 from ..model import ConfigError
 from ..train.rundir import append_csv, bench_stamp
-from .timing import cuda_milliseconds
+from .timing import bench_device, cuda_milliseconds
 
 CSV_COLUMNS = [
     "variant",
@@ -446,13 +446,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and args.size != "tiny":  # 120m at 16K context x 32 rows filled a 24 GB host's memory
-        print(
-            f"egmla-bench: error: --size {args.size} needs a CUDA GPU and none is visible: run it on a GPU machine, "
-            "or check the benchmark itself on the CPU with --size tiny",
-            file=sys.stderr,
-        )
+    device = bench_device(args.size)
+    if device is None:
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

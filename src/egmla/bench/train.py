@@ -32,6 +32,7 @@ from ..train import fsdp
 from ..train.module import cross_entropy
 from ..train.perf import peak_flops
 from ..train.rundir import append_csv, bench_stamp
+from .timing import bench_device
 
 LOSSES = ("fused", "plain")
 CSV_COLUMNS = ["variant", "size", "seq", "batch", "gpus", "card", "tok_per_s", "mfu", "peak_mem_gib", "date", "commit"]
@@ -217,13 +218,8 @@ def run(args) -> int:
             *args.argv,
         ]
         return subprocess.run(command).returncode
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and args.size != "tiny":  # a 120M+ model's steps would fill the memory of most hosts
-        print(
-            f"egmla-bench: error: --size {args.size} needs a CUDA GPU and none is visible: run it on a GPU machine, "
-            "or check the benchmark itself on the CPU with --size tiny",
-            file=sys.stderr,
-        )
+    device = bench_device(args.size)
+    if device is None:
         return 2
     if "LOCAL_RANK" in os.environ and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

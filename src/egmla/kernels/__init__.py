@@ -28,7 +28,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 from .reference import DecodeWeights
@@ -47,7 +46,8 @@ def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{key}={value!r} is invalid: expected one of {', '.join(valid)}")
 
 
-def _power_of_two(value: int, minimum: int = 1) -> bool:
+def is_power_of_two(value: int, minimum: int = 1) -> bool:
+    """value is a power of two >= minimum (Triton tiles need such widths)."""
     return value >= minimum and not value & (value - 1)
 
 
@@ -61,7 +61,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def check_heads_per_program(heads: int, n_heads: int, label: str) -> None:
     """Raise a one-line ValueError unless `heads` (the kernel's heads per program) is a power of two dividing
     n_heads; `label` names the setting in the message."""
-    if n_heads % heads or not _power_of_two(heads):
+    if n_heads % heads or not is_power_of_two(heads):
         raise ValueError(f"{label} must be a power of two dividing the model's {n_heads} heads")
 
 
@@ -79,7 +79,7 @@ def check_triton(w: DecodeWeights, gate_source: str) -> None:
     if gate_source == "embedding":
         dims["gate_dim"] = w.embedding.shape[1]
     for key, value in dims.items():
-        if not _power_of_two(value, 16):
+        if not is_power_of_two(value, 16):
             raise ValueError(f"the Triton fused decode needs powers of two >= 16; attention.{key}={value}: {FALLBACK}")
     if w.w_ukv.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"the Triton backend runs on CUDA (or on CPU under TRITON_INTERPRET=1); {FALLBACK}")
@@ -92,8 +92,7 @@ def build_gate_rows(w: DecodeWeights, chunk: int = 8192) -> torch.Tensor:
     table = w.embedding
     rows = torch.empty(table.shape[0], w.gate_width, dtype=table.dtype, device=table.device)
     for i in range(0, table.shape[0], chunk):
-        g = reference.activate(F.linear(table[i : i + chunk], w.w_ue), w.activation)
-        rows[i : i + chunk] = g[:, : w.gate_width]
+        rows[i : i + chunk] = reference.gate_from_embedding(table[i : i + chunk], w, table.dtype)
     return rows
 
 
@@ -133,6 +132,10 @@ class FusedDecode:
         if gate_source == "table":
             weights = dataclasses.replace(weights, gate_rows=build_gate_rows(weights), embedding=None, w_ue=None)
         self.gate_source, self.weights = gate_source, weights
+        if self.backend == "triton":  # the launch keywords, fixed per layer (not rebuilt every decode step)
+            self._options = dataclasses.asdict(self.launch)
+        else:
+            self._options = {"block_s": self.launch.block_s or 32, "split_tokens": self.launch.split_tokens}
 
     @property
     def table_bytes(self) -> int:
@@ -144,10 +147,8 @@ class FusedDecode:
         if self.backend == "triton":
             from . import egmla_decode  # imports triton
 
-            options = dataclasses.asdict(self.launch)
-            return egmla_decode.decode_attention(q_nope, q_rope, latent, k_rope, ids, self.weights, **options)
-        tiling = {"block_s": self.launch.block_s or 32, "split_tokens": self.launch.split_tokens}
-        return reference.decode_attention(q_nope, q_rope, latent, k_rope, ids, self.weights, **tiling)
+            return egmla_decode.decode_attention(q_nope, q_rope, latent, k_rope, ids, self.weights, **self._options)
+        return reference.decode_attention(q_nope, q_rope, latent, k_rope, ids, self.weights, **self._options)
 
     def __repr__(self) -> str:
         return f"FusedDecode(gate_source={self.gate_source!r}, backend={self.backend!r}, launch={self.launch})"

@@ -68,16 +68,23 @@ def split_layout(s: int, block_s: int, split_tokens: int | None) -> tuple[int, i
 
 
 def activate(x: torch.Tensor, kind: str) -> torch.Tensor:
-    return {"none": x, "sigmoid": torch.sigmoid(x), "silu": F.silu(x)}[kind]
+    if kind == "sigmoid":
+        return torch.sigmoid(x)
+    if kind == "silu":
+        return F.silu(x)
+    return x
+
+
+def gate_from_embedding(e: torch.Tensor, w: DecodeWeights, dtype: torch.dtype) -> torch.Tensor:
+    """act(W_ue e) of embedding rows e [..., gate_dim]: the content gate [..., gate width] (no RoPE-key part)."""
+    return activate(e.to(dtype) @ w.w_ue[: w.gate_width].to(dtype).T, w.activation)
 
 
 def gate_tile(ids: torch.Tensor, w: DecodeWeights, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Gates (g_k, g_v) [..., H, d] of the tokens `ids` [...], from the table or recomputed from E."""
     width = w.gate_width
-    if w.gate_rows is not None:
-        g = w.gate_rows[ids].to(dtype)
-    else:
-        g = activate(w.embedding[ids].to(dtype) @ w.w_ue[:width].to(dtype).T, w.activation)
+    table = w.gate_rows is not None
+    g = w.gate_rows[ids].to(dtype) if table else gate_from_embedding(w.embedding[ids], w, dtype)
     g = g[..., :width].unflatten(-1, (w.n_heads, -1))
     return (g, g) if w.shared else (g[..., : w.d_nope], g[..., w.d_nope :])
 
