@@ -88,6 +88,7 @@ bench-fsdp: setup  ## the ~1.2B EG-MLA on one GPU, then sharded over GPUS (defau
 # The training loop against the benchmark, one GPU, same settings (120M, seq 2048, batch 16, compiled, fused loss):
 # the benchmark's three variants, then 400 steps of each through egmla-train on the code corpus (runs/loop/, cleared
 # first), then the table of both tok/s and their ratio (experiments/throughput/README.md, "The training loop ...").
+# Each row: the benchmark's variant name, then the table1_small row trained through the loop.
 LOOP_ROWS := mha:mha mla-kv256:mla_base egmla-kv64-g256:egmla_kv64
 LOOP_TOKENS ?= 13107200
 
@@ -97,7 +98,7 @@ bench-loop: setup data/code/fingerprint.json  ## egmla-train's tok/s against egm
 	for row in $(LOOP_ROWS); do $(OFFLINE) $(BIN)/python -m egmla.train experiment=table1_small/$${row#*:} \
 		train.max_tokens=$(LOOP_TOKENS) train.val_every=100000 run_dir=runs/loop/$${row#*:} || exit 1; done
 	$(BIN)/python experiments/throughput/loop_vs_bench.py --csv $(THROUGHPUT_CSV) \
-		$(foreach row,$(LOOP_ROWS),$(word 1,$(subst :, ,$(row)))=runs/loop/$(word 2,$(subst :, ,$(row))))
+		$(subst :,=runs/loop/,$(LOOP_ROWS))
 
 DECODE_CSV ?= experiments/decode/results.csv
 DECODE_CONTEXTS ?= 1024 4096 16384 32768

@@ -1,6 +1,7 @@
 """The two tables of a study README (experiments/table1_small, experiments/gate_dim_small), printed as Markdown from
 what egmla-table and the runs wrote: one row per run from results.csv, and validation loss at each validation from
-the runs' metric logs. The READMEs paste this output; nothing in them is typed from a screen.
+the runs' metric logs (read as egmla-table reads them). The READMEs paste this output; nothing in them is typed
+from a screen.
 
     python experiments/readme_tables.py experiments/table1_small
 """
@@ -10,6 +11,9 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
+
+from egmla.report import load_results
+from egmla.report_curves import read_curve
 
 ROW_NAMES = {  # attention name (conf/attention, as results.csv has it) -> the row's name in the READMEs
     "mha": "MHA",
@@ -30,12 +34,10 @@ def row_name(row: dict, gate_widths: set[str]) -> str:
     return f"{name}, seed {row['seed']}"
 
 
-def validation_losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        with open(path) as f:
-            out |= {int(r["step"]) + 1: float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
-    return out
+def validation_losses(run_dir: Path) -> dict[float, float]:
+    """Validation loss by training tokens seen, as egmla-table's curves read it from the run's logs."""
+    curve = read_curve(run_dir, load_results(run_dir / "results.json") or {})
+    return dict(zip(curve.val_tokens, curve.val_loss, strict=True))
 
 
 def main(folder: Path) -> None:
@@ -55,12 +57,11 @@ def main(folder: Path) -> None:
             f"{float(r['train_loss_at_equal_time']):.4f} | {100 * float(r['avg_acc']):.2f} |"
         )
     curves = {row_name(r, gate_widths): validation_losses(Path(r["run_dir"])) for r in rows}
-    steps = sorted({s for c in curves.values() for s in c})
-    tokens_per_step = float(rows[0]["train_tokens"]) / max(steps)
-    print("\n| row | " + " | ".join(f"{s * tokens_per_step / 1e6:.1f}M" for s in steps) + " |")
-    print("|---|" + "---:|" * len(steps))
+    tokens = sorted({t for curve in curves.values() for t in curve})
+    print("\n| row | " + " | ".join(f"{t / 1e6:.1f}M" for t in tokens) + " |")
+    print("|---|" + "---:|" * len(tokens))
     for name, curve in curves.items():
-        print(f"| {name} | " + " | ".join(f"{curve[s]:.3f}" if s in curve else "" for s in steps) + " |")
+        print(f"| {name} | " + " | ".join(f"{curve[t]:.3f}" if t in curve else "" for t in tokens) + " |")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ def write_run(root, trial: str, attention: str, gate_dim: str, val: dict[int, fl
     run = root / "runs" / trial
     (run / "csv" / "version_0").mkdir(parents=True)
     with open(run / "csv" / "version_0" / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["step", "val/loss"])
+        writer = csv.DictWriter(f, ["step", "train/loss", "val/loss"])
         writer.writeheader()
-        writer.writerows({"step": step - 1, "val/loss": loss} for step, loss in val.items())
+        writer.writerows({"step": step - 1, "train/loss": 3.0, "val/loss": loss} for step, loss in val.items())
+    (run / "results.json").write_text(json.dumps({"train": {"steps": max(val), "tokens": 40_000_000}}))
     return dict(
         run_dir=str(run),
         attention=attention,
@@ -58,8 +59,8 @@ def test_readme_tables_print_every_row_and_the_validations(tmp_path, capsys):
 
 def test_loop_vs_bench_takes_the_harmonic_mean_of_steady_windows(tmp_path, monkeypatch, capsys):
     run = tmp_path / "loop"
-    run.mkdir()
-    with open(run / "metrics.csv", "w") as f:  # the first window (compilation) is left out
+    (run / "csv" / "version_0").mkdir(parents=True)
+    with open(run / "csv" / "version_0" / "metrics.csv", "w") as f:  # the first window (compilation) is left out
         f.write("step,perf/tok_per_s\n19,1000\n39,300000\n59,600000\n")
     (run / "environment.json").write_text(json.dumps({"git": {"commit": "abcdef123"}}))
     script = load_script("experiments/throughput/loop_vs_bench.py")

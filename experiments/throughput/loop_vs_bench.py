@@ -15,17 +15,24 @@ import csv
 import json
 from pathlib import Path
 
+from egmla.report import load_results
+from egmla.report_curves import joined_rows
+
 HERE = Path(__file__).resolve().parent
 
 
 def loop_tok_per_s(run: Path) -> tuple[float, str]:
     """Steady tok/s of a run folder and where it came from."""
     if (run / "results.json").is_file():
-        return json.loads((run / "results.json").read_text())["train"]["tok_per_s"], "results.json"
-    logs = sorted(run.glob("csv/version_*/metrics.csv")) or [run / "metrics.csv"]
-    with open(logs[-1]) as f:
-        windows = [float(r["perf/tok_per_s"]) for r in csv.DictReader(f) if r.get("perf/tok_per_s")]
-    steady = windows[1:]  # equal-token windows: tokens / time is the harmonic mean of their rates
+        return load_results(run / "results.json")["train"]["tok_per_s"], "results.json"
+    rows = [row for row in joined_rows(run) if "perf/tok_per_s" in row]
+    # every window but each process's first (compilation, warm-up), as results.json counts them; equal-token
+    # windows, so tokens / time is the harmonic mean of their rates
+    steady = [
+        row["perf/tok_per_s"]
+        for before, row in zip([None, *rows], rows, strict=False)
+        if before and before["process"] == row["process"]
+    ]
     return len(steady) / sum(1 / w for w in steady), f"metric log, {len(steady)} windows"
 
 

@@ -156,10 +156,22 @@ def loadable_tasks(include_path: str | Path) -> Path:
     return target
 
 
+DECLARATION = re.compile(r"^(task|group):\s*[\"']?([^\s\"']+)[\"']?\s*$", re.MULTILINE)
+
+
+def declarations(folder: Path) -> list[tuple[str, str, Path]]:
+    """(task or group, name, YAML) of every top-level `task:` or `group:` line in the YAMLs below `folder`, in
+    path order, read as text: cheap, and works for YAMLs that may not load, before lm-eval indexes them."""
+    return [
+        (kind, name, path)
+        for path in sorted(Path(folder).rglob("*.yaml"))
+        for kind, name in DECLARATION.findall(path.read_text(errors="replace"))
+    ]
+
+
 def declaring_yamls(folder: Path, name: str) -> list[Path]:
-    """The YAMLs below `folder` whose top-level `task:` or `group:` is `name` (read as text: they may not load)."""
-    pattern = re.compile(rf"^(task|group):\s*[\"']?{re.escape(name)}[\"']?\s*$", re.MULTILINE)
-    return [p for p in sorted(Path(folder).rglob("*.yaml")) if pattern.search(p.read_text(errors="replace"))]
+    """The YAMLs below `folder` whose top-level `task:` or `group:` is `name`."""
+    return sorted({path for _, declared, path in declarations(folder) if declared == name})
 
 
 def load_error(path: Path) -> str | None:

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -33,8 +32,9 @@ from typing import Any
 
 from ..lock import FolderLocked, hold
 from ..model import ConfigError
+from ..model.config import check_int as check_config_int
 from ..model.config import error_summary
-from .offline_tasks import declaring_yamls
+from .offline_tasks import declarations
 
 PROG = "egmla-eval"
 USAGE = f"usage: {PROG} checkpoint=RUN_DIR [eval=offline|paper] [eval.limit=N] [eval.KEY=VALUE ...]"
@@ -157,8 +157,7 @@ def _str_list(value: Any, key: str) -> list[str]:
 
 
 def check_int(key: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"eval.{key}={value!r} is invalid: expected an integer >= {minimum}")
+    check_config_int(f"eval.{key}", value, minimum)
 
 
 def _check_limit(limit: Any) -> None:
@@ -241,15 +240,11 @@ def _not_in_folder(task: str, settings: EvalSettings, known: list[str]) -> EvalE
     )
 
 
-def declared_tasks(folder: Path) -> list[str]:
+def declared_tasks(folder: Path, found: list[tuple[str, str, Path]] | None = None) -> list[str]:
     """The task and group names declared by the YAMLs of `folder` (its subfolders: groups only, e.g. mmlu_offline
-    and its categories rather than 57 subjects), read as text: cheap, and works before lm-eval indexes them."""
-    pattern = re.compile(r"^(task|group):\s*[\"']?([\w.-]+)[\"']?\s*$", re.MULTILINE)
-    names = []
-    for path in sorted(folder.rglob("*.yaml")):
-        for kind, name in pattern.findall(path.read_text(errors="replace")):
-            if path.parent == folder or kind == "group":
-                names.append(name)
+    and its categories rather than 57 subjects); `found`: the folder's declarations, if already read."""
+    found = declarations(folder) if found is None else found
+    names = [name for kind, name, path in found if path.parent == folder or kind == "group"]
     return sorted(set(names), key=names.index)
 
 
@@ -260,12 +255,15 @@ def first_unknown_task(settings: EvalSettings) -> EvalError | None:
         folder = Path(settings.include_path or "")
         if not settings.include_path or not folder.is_dir():
             return None
-        known = declared_tasks(folder)
-        unknown = [t for t in settings.tasks if t not in known and not declaring_yamls(folder, t)]
+        found = declarations(folder)  # every YAML read once
+        known, every_name = declared_tasks(folder, found), {name for _, name, _ in found}
+        unknown = [t for t in settings.tasks if t not in every_name]
         return _not_in_folder(unknown[0], settings, known) if unknown else None
-    manager = task_manager(settings)
-    unknown = [t for t in settings.tasks if t not in manager.all_tasks]
-    return _unknown_task(unknown[0], manager, settings) if unknown else None
+    try:
+        check_tasks(task_manager(settings), settings)
+    except EvalError as exc:
+        return exc
+    return None
 
 
 def _load_hint(settings: EvalSettings) -> str:
