@@ -291,6 +291,35 @@ def test_checkpoint_writes_are_left_out_of_throughput_windows():
     assert 0.6 <= meter.checkpoint_seconds < 0.9
 
 
+def test_time_between_batches_is_measured_without_checkpoint_writes():
+    """perf/between_batches: a data loader taking 20 ms a batch beside 10 ms steps shows as ~2/3 of each window; a
+    checkpoint write between two batches counts neither there nor in the window."""
+    import time
+    from types import SimpleNamespace
+
+    from egmla.train.perf import Throughput
+
+    meter = Throughput(flops_per_token=1e9, tokens_per_batch=1000, log_every=2)
+    trainer = SimpleNamespace(world_size=1, global_step=0, fit_loop=SimpleNamespace(_should_accumulate=lambda: False))
+    logged = []
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **kwargs: logged.append((name, value)))
+    for i in range(6):
+        meter.on_train_batch_start(trainer, module, None, i)
+        time.sleep(0.01)
+        trainer.global_step += 1
+        meter.on_train_batch_end(trainer, module, None, None, i)
+        if i == 2:
+            meter.on_save_checkpoint(trainer, module, {})
+            time.sleep(0.3)
+        time.sleep(0.02)  # fetching the next batch
+    meter.on_train_end(trainer, module)
+    assert len(meter.between_batches) == 3 and all(seconds < 0.1 for seconds in meter.between_batches)
+    assert 0.45 < meter.steady_between_batches < 0.75  # windows 2-3: 20 ms + 40 ms of waits in 100 ms (the wait
+    # right after a save is taken for part of the save: its end is seen only at the next batch, as in the windows)
+    shares = [value for name, value in logged if name == "perf/between_batches"]
+    assert len(shares) == 3 and shares[2] > max(shares[:2])  # windows 1-2 hold one counted wait, window 3 two
+
+
 def test_mfu_uses_the_peak_seen_during_training():
     """MFU must not depend on where the module sits after fit (Lightning moves it back to the CPU)."""
     from egmla.train.perf import Throughput

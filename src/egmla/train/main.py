@@ -258,7 +258,8 @@ def fit(run: Run, trainer: L.Trainer, module: LanguageModel, checkpoints: ModelC
     trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.resume, weights_only=True)
     newest = checkpoints.best_model_score  # monitor="step": the step of the newest checkpoint (None: none yet)
     if (newest is None or int(newest) != trainer.global_step) and not trainer.interrupted:
-        trainer.save_checkpoint(checkpoint_dir(run.run_dir) / "last.ckpt")
+        # weights_only=False: the whole training state, so the run can resume (Lightning logs a note when unset)
+        trainer.save_checkpoint(checkpoint_dir(run.run_dir) / "last.ckpt", weights_only=False)
     if module.last_val_step != trainer.global_step:  # the end is not on a validation step: validate once more
         trainer.validate(module, datamodule=run.datamodule, verbose=False)
 
@@ -287,6 +288,7 @@ def write_results(run: Run, trainer: L.Trainer, module: LanguageModel, throughpu
             "tokens": trainer.global_step * tokens_per_step,
             "tok_per_s": throughput.steady_tok_per_s,  # after the first log window (compilation, warm-up)
             "mfu": throughput.steady_mfu,
+            "between_batches": throughput.steady_between_batches,  # share of that time between batches (perf.py)
             "checkpoint_s": throughput.checkpoint_seconds,  # checkpoint writes, left out of tok_per_s
             "devices": trainer.world_size,
             "max_tokens": run.budget.max_tokens,  # the budget asked for (null: given in steps)

@@ -32,6 +32,11 @@ class Throughput(L.Callback):
     excluded (the writes are counted apart in checkpoint_seconds: a 1.2B model's sharded checkpoint takes about
     as long as 150 training steps). The GPU is synchronised only at log points. results.json reports the steady
     state: every window but the first.
+
+    perf/between_batches: the share of a window's wall time the host spent between one batch's end hook and the next
+    batch's start hook: the other callbacks' end hooks, fetching the next batch, moving it to the device. The GPU
+    still works through queued steps meanwhile, so a high share costs speed only if it outlasts that queue; a data
+    loader that falls behind shows up here first.
     """
 
     def __init__(self, flops_per_token: float, tokens_per_batch: int, log_every: int):
@@ -39,9 +44,12 @@ class Throughput(L.Callback):
         self.tokens_per_batch = tokens_per_batch  # one micro-batch on one rank
         self.log_every = max(1, log_every)
         self.windows: list[tuple[int, float]] = []  # (tokens, seconds) per closed window, this process
+        self.between_batches: list[float] = []  # host seconds between batches, per closed window
         self.peak_flops_total: float | None = None  # all devices' bf16 peak, FLOP/s (None: no known peak)
         self._window_tokens = 0
         self._window_start: float | None = None
+        self._window_between = 0.0
+        self._batch_end: float | None = None  # when this callback's last end hook returned (None: new window)
         self.checkpoint_seconds = 0.0  # this process's time in checkpoint writes
         self._save_start: float | None = None
 
@@ -66,25 +74,29 @@ class Throughput(L.Callback):
         self.checkpoint_seconds += seconds
         if self._window_start is not None:
             self._window_start += seconds
+        if self._batch_end is not None:
+            self._batch_end += seconds
         self._save_start = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._leave_out_checkpoint()
         if self._window_start is None:
             self._window_start = self._now(pl_module)
+        elif self._batch_end is not None:
+            self._window_between += time.perf_counter() - self._batch_end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._leave_out_checkpoint()  # in case a checkpoint callback ran before this one
         self._window_tokens += self.tokens_per_batch * trainer.world_size
-        if trainer.fit_loop._should_accumulate() or trainer.global_step % self.log_every:
-            return
-        self._close_window(pl_module)
+        if not (trainer.fit_loop._should_accumulate() or trainer.global_step % self.log_every):
+            self._close_window(pl_module)
+        self._batch_end = time.perf_counter()
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._leave_out_checkpoint()
         if self._window_start is not None and self._window_tokens:
             self._close_window(pl_module, log=False)
-        self._window_start = None
+        self._window_start = self._batch_end = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._leave_out_checkpoint()
@@ -94,13 +106,15 @@ class Throughput(L.Callback):
     def _close_window(self, pl_module, log: bool = True) -> None:
         elapsed = self._now(pl_module) - self._window_start
         self.windows.append((self._window_tokens, elapsed))
+        self.between_batches.append(self._window_between)
         if log and elapsed > 0:
             tok_per_s = self._window_tokens / elapsed
             pl_module.log("perf/tok_per_s", tok_per_s, prog_bar=True, on_step=True, rank_zero_only=True)
+            pl_module.log("perf/between_batches", self._window_between / elapsed, on_step=True, rank_zero_only=True)
             if self.peak_flops_total:
                 mfu = self.flops_per_token * tok_per_s / self.peak_flops_total
                 pl_module.log("perf/mfu", mfu, on_step=True, rank_zero_only=True)
-        self._window_tokens = 0
+        self._window_tokens, self._window_between = 0, 0.0
         self._window_start = time.perf_counter()
 
     @property
@@ -109,6 +123,12 @@ class Throughput(L.Callback):
         windows = self.windows[1:] or self.windows
         seconds = sum(s for _, s in windows)
         return sum(t for t, _ in windows) / seconds if seconds else None
+
+    @property
+    def steady_between_batches(self) -> float | None:
+        """Share of the steady windows' wall time spent between batches (see the class docstring)."""
+        seconds = sum(s for _, s in self.windows[1:] or self.windows)
+        return sum(self.between_batches[1:] or self.between_batches) / seconds if seconds else None
 
     @property
     def steady_mfu(self) -> float | None:
