@@ -97,7 +97,7 @@ bench-loop: setup data/code/fingerprint.json  ## egmla-train's tok/s against egm
 	rm -rf runs/loop
 	for row in $(LOOP_ROWS); do $(OFFLINE) $(BIN)/python -m egmla.train experiment=table1_small/$${row#*:} \
 		train.max_tokens=$(LOOP_TOKENS) train.val_every=100000 run_dir=runs/loop/$${row#*:} || exit 1; done
-	$(BIN)/python experiments/throughput/loop_vs_bench.py --csv $(THROUGHPUT_CSV) \
+	$(BIN)/python experiments/throughput/loop_vs_bench.py --csv $(THROUGHPUT_CSV) --windows \
 		$(subst :,=runs/loop/,$(LOOP_ROWS))
 
 DECODE_CSV ?= experiments/decode/results.csv

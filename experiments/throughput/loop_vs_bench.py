@@ -4,8 +4,11 @@ perf/tok_per_s window but the first, each of the same number of steps), the benc
 the same settings (120M, seq 2048, batch 16, one GPU): those of one commit, or the newest of each variant.
 
     python experiments/throughput/loop_vs_bench.py --bench-commit c08f4c39b250 \\
-        mha=experiments/throughput/loop_runs/mha egmla-kv64-g256=experiments/table1_small/runs/trial-010 ...
+        mha=experiments/throughput/loop_runs/c08f4c3/mha egmla-kv64-g256=experiments/table1_small/runs/trial-010 ...
     make bench-loop        # measures both on this GPU, then prints this table
+
+--windows adds a second table: the ratio in each steady window of the metric log, to tell a loop that is slower
+at every step from one that slows down as it runs (a card heating up under its power limit, a data stall).
 """
 
 from __future__ import annotations
@@ -21,18 +24,23 @@ from egmla.report_curves import joined_rows
 HERE = Path(__file__).resolve().parent
 
 
+def steady_windows(run: Path, metric: str = "perf/tok_per_s") -> list[tuple[int, float]]:
+    """(last step, value of `metric`) of every logged throughput window but each process's first (compilation,
+    warm-up), as results.json counts them."""
+    rows = [row for row in joined_rows(run) if "perf/tok_per_s" in row]
+    return [
+        (int(row["step"]), row[metric])
+        for before, row in zip([None, *rows], rows, strict=False)
+        if before and before["process"] == row["process"] and metric in row
+    ]
+
+
 def loop_tok_per_s(run: Path) -> tuple[float, str]:
     """Steady tok/s of a run folder and where it came from."""
     if (run / "results.json").is_file():
         return load_results(run / "results.json")["train"]["tok_per_s"], "results.json"
-    rows = [row for row in joined_rows(run) if "perf/tok_per_s" in row]
-    # every window but each process's first (compilation, warm-up), as results.json counts them; equal-token
-    # windows, so tokens / time is the harmonic mean of their rates
-    steady = [
-        row["perf/tok_per_s"]
-        for before, row in zip([None, *rows], rows, strict=False)
-        if before and before["process"] == row["process"]
-    ]
+    steady = [rate for _, rate in steady_windows(run)]
+    # equal-token windows, so tokens / time is the harmonic mean of their rates
     return len(steady) / sum(1 / w for w in steady), f"metric log, {len(steady)} windows"
 
 
@@ -45,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bench-commit", help="results.csv rows of this commit (default: each variant's newest row)")
     parser.add_argument("--csv", type=Path, default=HERE / "results.csv", help="the benchmark's results.csv")
+    parser.add_argument("--windows", action="store_true", help="also the ratio in each steady window of each run")
     parser.add_argument("runs", nargs="+", help="VARIANT=RUN_DIR, VARIANT as results.csv names it")
     args = parser.parse_args()
     with open(args.csv) as f:
@@ -56,18 +65,42 @@ def main() -> None:
             r for r in rows if r["commit"].startswith(args.bench_commit) or args.bench_commit.startswith(r["commit"])
         ]
     bench = {r["variant"]: float(r["tok_per_s"]) for r in rows}  # later rows win: the newest of each variant
-    print("| variant | loop run | loop commit | loop tok/s | from | benchmark tok/s | loop / benchmark |")
-    print("|---|---|---|---:|---|---:|---:|")
-    for spec in args.runs:
-        variant, run = spec.split("=", 1)
-        tok_per_s, source = loop_tok_per_s(Path(run))
+    runs = [spec.split("=", 1) for spec in args.runs]
+    for variant, _ in runs:
         if variant not in bench:
             raise SystemExit(f"loop_vs_bench: no benchmark row of {variant} at 120m, seq 2048, batch 16 in {args.csv}")
+    print("| variant | loop run | loop commit | loop tok/s | from | benchmark tok/s | loop / benchmark |")
+    print("|---|---|---|---:|---|---:|---:|")
+    for variant, run in runs:
+        tok_per_s, source = loop_tok_per_s(Path(run))
         ratio = tok_per_s / bench[variant]
         print(
             f"| {variant} | {run} | {commit_of(Path(run))} | {tok_per_s:,.0f} | {source} | {bench[variant]:,.0f} "
             f"| {ratio:.3f} |"
         )
+    if args.windows:
+        print_windows(runs, bench)
+
+
+def print_windows(runs: list[list[str]], bench: dict[str, float]) -> None:
+    """Loop / benchmark in each steady window, one row per run, one column per window's last step; then the share of
+    each window the host spent between batches (perf/between_batches), for runs that logged it."""
+    windows = {run: dict(steady_windows(Path(run))) for _, run in runs}
+    between = {run: dict(steady_windows(Path(run), "perf/between_batches")) for _, run in runs}
+    steps = sorted({step for rates in windows.values() for step in rates})
+    header = "| variant | loop run | " + " | ".join(map(str, steps)) + " |\n|---|---|" + "---:|" * len(steps)
+    print("\nLoop / benchmark in each steady window (columns: the window's last step)\n")
+    print(header)
+    for variant, run in runs:
+        cells = [f"{windows[run][s] / bench[variant]:.3f}" if s in windows[run] else "" for s in steps]
+        print(f"| {variant} | {run} | " + " | ".join(cells) + " |")
+    if any(between.values()):
+        print("\nShare of each window between batches (perf/between_batches)\n")
+        print(header)
+        for variant, run in runs:
+            if between[run]:
+                cells = [f"{between[run][s]:.3f}" if s in between[run] else "" for s in steps]
+                print(f"| {variant} | {run} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
