@@ -1,5 +1,6 @@
 """The scripts that print the study READMEs' tables (experiments/readme_tables.py, experiments/throughput/
-loop_vs_bench.py), checked on a small made-up study against figures computed here by hand."""
+loop_vs_bench.py), checked on a small made-up study against figures computed here by hand; and the data stream's
+pace timer (experiments/throughput/loader_pace.py) on a config composed as egmla-train composes it."""
 
 from __future__ import annotations
 
@@ -103,3 +104,25 @@ def test_loop_vs_bench_takes_the_harmonic_mean_of_steady_windows(tmp_path, monke
     with pytest.raises(SystemExit, match="no benchmark row of mla-kv256"):
         monkeypatch.setattr(sys, "argv", ["loop_vs_bench.py", "--bench-commit", "abcdef1", f"mla-kv256={run}"])
         script.main()
+
+
+def test_loader_pace_times_every_batch_of_the_configs_stream(corpus, tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from conftest import overrides
+    from egmla import compose
+
+    config = tmp_path / "config.yaml"
+    OmegaConf.save(compose(overrides(corpus, tmp_path / "run")), config)
+    script = load_script("experiments/throughput/loader_pace.py")
+    argv = [str(config), "--pace-ms", "0", "--batches", "10", "--group", "4", "--head-start", "0"]
+    monkeypatch.setattr(sys, "argv", ["loader_pace.py", *argv])
+    script.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("first batch after ") and "0 workers, shuffle_window 8, batch 4 x 32" in out[0]
+    assert [line.split(":")[0] for line in out[1:4]] == [
+        "batches     1-    4",
+        "batches     5-    8",
+        "batches     9-   10",
+    ]
+    assert out[4].startswith("all: ") and " in 10 batches (100.0% of the time)" in out[4]  # no pace: all waiting
