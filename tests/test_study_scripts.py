@@ -89,17 +89,24 @@ def test_loop_vs_bench_takes_the_harmonic_mean_of_steady_windows(tmp_path, monke
     timed = tmp_path / "timed"  # a run that logged perf/between_batches: its shares follow, the first window left out
     (timed / "csv" / "version_0").mkdir(parents=True)
     (timed / "csv" / "version_0" / "metrics.csv").write_text(
-        "step,perf/tok_per_s,perf/between_batches\n19,1000,0.9\n39,300000,0.1\n59,600000,0.25\n"
+        "step,perf/tok_per_s,perf/between_batches,perf/garbage_collection\n19,1000,0.9,0.5\n39,300000,0.1,0\n"
+        "59,600000,0.25,0.125\n"
     )
     monkeypatch.setattr(sys, "argv", ["loop_vs_bench.py", "--windows", f"mha={run}", f"mha={timed}"])
     script.main()
     out = capsys.readouterr().out.splitlines()
-    assert out[-5:] == [
+    assert out[-11:] == [
         "Share of each window between batches (perf/between_batches)",
         "",
         "| variant | loop run | 39 | 59 |",
         "|---|---|---:|---:|",
         f"| mha | {timed} | 0.100 | 0.250 |",
+        "",
+        "Share of each window in Python's garbage collector (perf/garbage_collection)",
+        "",
+        "| variant | loop run | 39 | 59 |",
+        "|---|---|---:|---:|",
+        f"| mha | {timed} | 0.000 | 0.125 |",
     ]
     with pytest.raises(SystemExit, match="no benchmark row of mla-kv256"):
         monkeypatch.setattr(sys, "argv", ["loop_vs_bench.py", "--bench-commit", "abcdef1", f"mla-kv256={run}"])

@@ -314,10 +314,44 @@ def test_time_between_batches_is_measured_without_checkpoint_writes():
         time.sleep(0.02)  # fetching the next batch
     meter.on_train_end(trainer, module)
     assert len(meter.between_batches) == 3 and all(seconds < 0.1 for seconds in meter.between_batches)
-    assert 0.45 < meter.steady_between_batches < 0.75  # windows 2-3: 20 ms + 40 ms of waits in 100 ms (the wait
-    # right after a save is taken for part of the save: its end is seen only at the next batch, as in the windows)
+    # windows 2-3: 20 ms + 40 ms of waits in 100 ms (the wait right after a save is taken for part of the save: its
+    # end is seen only at the next batch, as in the windows)
+    assert 0.45 < meter.steady_share(meter.between_batches) < 0.75
     shares = [value for name, value in logged if name == "perf/between_batches"]
     assert len(shares) == 3 and shares[2] > max(shares[:2])  # windows 1-2 hold one counted wait, window 3 two
+
+
+def test_time_in_the_garbage_collector_is_measured_per_window():
+    """perf/garbage_collection: a full collection inside a step is counted in that step's window, and the meter
+    stops listening to the collector when training ends."""
+    import gc
+    import time
+    from types import SimpleNamespace
+
+    from egmla.train.perf import Throughput
+
+    meter = Throughput(flops_per_token=1e9, tokens_per_batch=1000, log_every=1)
+    trainer = SimpleNamespace(world_size=1, global_step=0, fit_loop=SimpleNamespace(_should_accumulate=lambda: False))
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda *args, **kwargs: None)
+    meter.on_train_start(trainer, module)
+    for collect in (False, True, False):
+        meter.on_train_batch_start(trainer, module, None, 0)
+        if collect:
+            junk = [[i] for i in range(200_000)]  # objects for a full collection to walk
+            start = time.perf_counter()
+            gc.collect()
+            took = time.perf_counter() - start
+            del junk
+        trainer.global_step += 1
+        meter.on_train_batch_end(trainer, module, None, None, 0)
+    meter.on_train_end(trainer, module)
+    assert len(meter.garbage_collection) == 3
+    assert took * 0.9 <= meter.garbage_collection[1] <= meter.windows[1][1]
+    gc.collect()
+    assert meter._time_gc not in gc.callbacks and len(meter.garbage_collection) == 3
+    assert meter.steady_share(meter.garbage_collection) == pytest.approx(
+        sum(meter.garbage_collection[1:]) / sum(seconds for _, seconds in meter.windows[1:])
+    )
 
 
 def test_mfu_uses_the_peak_seen_during_training():

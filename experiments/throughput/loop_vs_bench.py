@@ -8,7 +8,8 @@ the same settings (120M, seq 2048, batch 16, one GPU): those of one commit, or t
     make bench-loop        # measures both on this GPU, then prints this table
 
 --windows adds a second table: the ratio in each steady window of the metric log, to tell a loop that is slower
-at every step from one that slows down as it runs (a card heating up under its power limit, a data stall).
+at every step from one that slows down as it runs (a card heating up under its power limit, a data stall); and,
+for runs that logged them, each window's shares of time between batches and in Python's garbage collector.
 """
 
 from __future__ import annotations
@@ -82,11 +83,16 @@ def main() -> None:
         print_windows(runs, bench)
 
 
+SHARES = {
+    "perf/between_batches": "Share of each window between batches (perf/between_batches)",
+    "perf/garbage_collection": "Share of each window in Python's garbage collector (perf/garbage_collection)",
+}
+
+
 def print_windows(runs: list[list[str]], bench: dict[str, float]) -> None:
-    """Loop / benchmark in each steady window, one row per run, one column per window's last step; then the share of
-    each window the host spent between batches (perf/between_batches), for runs that logged it."""
+    """Loop / benchmark in each steady window, one row per run, one column per window's last step; then, for runs
+    that logged them, the shares of each window between batches and in the garbage collector (egmla/train/perf.py)."""
     windows = {run: dict(steady_windows(Path(run))) for _, run in runs}
-    between = {run: dict(steady_windows(Path(run), "perf/between_batches")) for _, run in runs}
     steps = sorted({step for rates in windows.values() for step in rates})
     header = "| variant | loop run | " + " | ".join(map(str, steps)) + " |\n|---|---|" + "---:|" * len(steps)
     print("\nLoop / benchmark in each steady window (columns: the window's last step)\n")
@@ -94,12 +100,15 @@ def print_windows(runs: list[list[str]], bench: dict[str, float]) -> None:
     for variant, run in runs:
         cells = [f"{windows[run][s] / bench[variant]:.3f}" if s in windows[run] else "" for s in steps]
         print(f"| {variant} | {run} | " + " | ".join(cells) + " |")
-    if any(between.values()):
-        print("\nShare of each window between batches (perf/between_batches)\n")
+    for metric, title in SHARES.items():
+        shares = {run: dict(steady_windows(Path(run), metric)) for _, run in runs}
+        if not any(shares.values()):
+            continue
+        print(f"\n{title}\n")
         print(header)
         for variant, run in runs:
-            if between[run]:
-                cells = [f"{between[run][s]:.3f}" if s in between[run] else "" for s in steps]
+            if shares[run]:
+                cells = [f"{shares[run][s]:.3f}" if s in shares[run] else "" for s in steps]
                 print(f"| {variant} | {run} | " + " | ".join(cells) + " |")
 
 

@@ -288,7 +288,9 @@ def write_results(run: Run, trainer: L.Trainer, module: LanguageModel, throughpu
             "tokens": trainer.global_step * tokens_per_step,
             "tok_per_s": throughput.steady_tok_per_s,  # after the first log window (compilation, warm-up)
             "mfu": throughput.steady_mfu,
-            "between_batches": throughput.steady_between_batches,  # share of that time between batches (perf.py)
+            # shares of that time between batches and in Python's garbage collector (egmla/train/perf.py)
+            "between_batches": throughput.steady_share(throughput.between_batches),
+            "garbage_collection": throughput.steady_share(throughput.garbage_collection),
             "checkpoint_s": throughput.checkpoint_seconds,  # checkpoint writes, left out of tok_per_s
             "devices": trainer.world_size,
             "max_tokens": run.budget.max_tokens,  # the budget asked for (null: given in steps)

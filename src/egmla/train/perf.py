@@ -6,6 +6,7 @@ no causal discount) x tokens/s / (bf16 dense peak of the GPU x GPUs). No MFU on 
 
 from __future__ import annotations
 
+import gc
 import time
 
 import lightning as L
@@ -36,7 +37,9 @@ class Throughput(L.Callback):
     perf/between_batches: the share of a window's wall time the host spent between one batch's end hook and the next
     batch's start hook: the other callbacks' end hooks, fetching the next batch, moving it to the device. The GPU
     still works through queued steps meanwhile, so a high share costs speed only if it outlasts that queue; a data
-    loader that falls behind shows up here first.
+    loader that falls behind shows up here first. perf/garbage_collection: the share spent in Python's garbage
+    collector (this process, any thread), a pause that stalls the host wherever it falls: after compilation the
+    heap holds millions of objects, so a full collection takes long.
     """
 
     def __init__(self, flops_per_token: float, tokens_per_batch: int, log_every: int):
@@ -45,11 +48,14 @@ class Throughput(L.Callback):
         self.log_every = max(1, log_every)
         self.windows: list[tuple[int, float]] = []  # (tokens, seconds) per closed window, this process
         self.between_batches: list[float] = []  # host seconds between batches, per closed window
+        self.garbage_collection: list[float] = []  # seconds in Python's garbage collector, per closed window
         self.peak_flops_total: float | None = None  # all devices' bf16 peak, FLOP/s (None: no known peak)
         self._window_tokens = 0
         self._window_start: float | None = None
         self._window_between = 0.0
         self._batch_end: float | None = None  # when this callback's last end hook returned (None: new window)
+        self._window_gc = 0.0
+        self._gc_start: float | None = None
         self.checkpoint_seconds = 0.0  # this process's time in checkpoint writes
         self._save_start: float | None = None
 
@@ -61,6 +67,14 @@ class Throughput(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Recorded now: after fit, Lightning moves the module back to the CPU.
         self.peak_flops_total = (peak_flops(pl_module.device) or 0.0) * trainer.world_size or None
+        gc.callbacks.append(self._time_gc)
+
+    def _time_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            self._window_gc += time.perf_counter() - self._gc_start
+            self._gc_start = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # Lightning runs ModelCheckpoint after the other callbacks, so a save falls between two of our hooks:
@@ -102,19 +116,23 @@ class Throughput(L.Callback):
         self._leave_out_checkpoint()
         if self._window_start is not None and self._window_tokens:
             self._close_window(pl_module, log=False)
+        if self._time_gc in gc.callbacks:
+            gc.callbacks.remove(self._time_gc)
 
     def _close_window(self, pl_module, log: bool = True) -> None:
         elapsed = self._now(pl_module) - self._window_start
         self.windows.append((self._window_tokens, elapsed))
         self.between_batches.append(self._window_between)
+        self.garbage_collection.append(self._window_gc)
         if log and elapsed > 0:
             tok_per_s = self._window_tokens / elapsed
             pl_module.log("perf/tok_per_s", tok_per_s, prog_bar=True, on_step=True, rank_zero_only=True)
             pl_module.log("perf/between_batches", self._window_between / elapsed, on_step=True, rank_zero_only=True)
+            pl_module.log("perf/garbage_collection", self._window_gc / elapsed, on_step=True, rank_zero_only=True)
             if self.peak_flops_total:
                 mfu = self.flops_per_token * tok_per_s / self.peak_flops_total
                 pl_module.log("perf/mfu", mfu, on_step=True, rank_zero_only=True)
-        self._window_tokens, self._window_between = 0, 0.0
+        self._window_tokens, self._window_between, self._window_gc = 0, 0.0, 0.0
         self._window_start = time.perf_counter()
 
     @property
@@ -124,11 +142,10 @@ class Throughput(L.Callback):
         seconds = sum(s for _, s in windows)
         return sum(t for t, _ in windows) / seconds if seconds else None
 
-    @property
-    def steady_between_batches(self) -> float | None:
-        """Share of the steady windows' wall time spent between batches (see the class docstring)."""
+    def steady_share(self, per_window: list[float]) -> float | None:
+        """Share of the steady windows' wall time in `per_window` (between_batches, garbage_collection)."""
         seconds = sum(s for _, s in self.windows[1:] or self.windows)
-        return sum(self.between_batches[1:] or self.between_batches) / seconds if seconds else None
+        return sum(per_window[1:] or per_window) / seconds if seconds else None
 
     @property
     def steady_mfu(self) -> float | None:
