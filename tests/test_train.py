@@ -323,7 +323,7 @@ def test_time_between_batches_is_measured_without_checkpoint_writes():
 
 def test_time_in_the_garbage_collector_is_measured_per_window():
     """perf/garbage_collection: a full collection inside a step is counted in that step's window, and the meter
-    stops listening to the collector when training ends."""
+    stops listening to the collector when training ends or fails."""
     import gc
     import time
     from types import SimpleNamespace
@@ -352,6 +352,9 @@ def test_time_in_the_garbage_collector_is_measured_per_window():
     assert meter.steady_share(meter.garbage_collection) == pytest.approx(
         sum(meter.garbage_collection[1:]) / sum(seconds for _, seconds in meter.windows[1:])
     )
+    meter.on_train_start(trainer, module)  # a run that fails stops listening too
+    meter.on_exception(trainer, module, RuntimeError("stopped"))
+    assert meter._time_gc not in gc.callbacks
 
 
 def test_mfu_uses_the_peak_seen_during_training():

@@ -67,7 +67,15 @@ class Throughput(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Recorded now: after fit, Lightning moves the module back to the CPU.
         self.peak_flops_total = (peak_flops(pl_module.device) or 0.0) * trainer.world_size or None
-        gc.callbacks.append(self._time_gc)
+        if self._time_gc not in gc.callbacks:
+            gc.callbacks.append(self._time_gc)
+
+    def _stop_timing_gc(self) -> None:
+        if self._time_gc in gc.callbacks:
+            gc.callbacks.remove(self._time_gc)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._stop_timing_gc()
 
     def _time_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -96,6 +104,7 @@ class Throughput(L.Callback):
         self._leave_out_checkpoint()
         if self._window_start is None:
             self._window_start = self._now(pl_module)
+            self._window_gc = 0.0  # collections during validation are not this window's
         elif self._batch_end is not None:
             self._window_between += time.perf_counter() - self._batch_end
 
@@ -116,8 +125,7 @@ class Throughput(L.Callback):
         self._leave_out_checkpoint()
         if self._window_start is not None and self._window_tokens:
             self._close_window(pl_module, log=False)
-        if self._time_gc in gc.callbacks:
-            gc.callbacks.remove(self._time_gc)
+        self._stop_timing_gc()
 
     def _close_window(self, pl_module, log: bool = True) -> None:
         elapsed = self._now(pl_module) - self._window_start
