@@ -37,6 +37,16 @@ def test_bench_train_smoke_writes_rows(tmp_path, capsys):
     assert all(float(r["tok_per_s"]) > 0 and r["card"] == "cpu" for r in rows)
 
 
+def test_bench_train_windows_split_the_timed_steps(capsys):
+    """--window N: one rate per whole N timed steps (7 steps, N = 3: two rates; the last step is in no window)."""
+    argv = words("train --size tiny --seq 32 --batch 2 --steps 7 --warmup 1 --window 3 --variants mha")
+    assert main([*argv, "--set", "model.vocab_size=257"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("  tok/s per 3 steps: "))
+    rates = [float(rate.replace(",", "")) for rate in line.split(": ")[1].split()]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)
+
+
 def test_bench_train_entries_with_their_own_overrides(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     argv = [

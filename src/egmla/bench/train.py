@@ -53,6 +53,7 @@ def bench_variant(
     reshard_after_forward: bool = True,
     prefetch: int = 0,
     loss: str = "fused",
+    window: int = 0,
 ) -> dict:
     name, *extra = variant.split(":")  # NAME[:KEY=VALUE...]: Hydra overrides for this entry alone
     cfg = compose([f"model={size}", f"attention={name}", *overrides, *extra])
@@ -96,9 +97,15 @@ def bench_variant(
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for _ in range(steps):
+    start = mark = time.perf_counter()
+    windows = []  # tok/s of each `window` timed steps, synchronised at their ends as egmla-train's log points are
+    for i in range(1, steps + 1):
         step()
+        if window and i % window == 0:
+            _sync(device)
+            now = time.perf_counter()
+            windows.append(batch * seq * window * world / (now - mark))
+            mark = now
     _sync(device)
     seconds = time.perf_counter() - start
     tok_per_s = batch * seq * steps * world / seconds
@@ -118,6 +125,7 @@ def bench_variant(
         "tok_per_s": tok_per_s,
         "mfu": accounting.flops_per_token(model.cfg, seq) * tok_per_s / (peak * world) if peak else None,
         "peak_mem_gib": float(peak_mem) if peak_mem is not None else None,
+        "windows": windows,
     }
 
 
@@ -177,6 +185,13 @@ def add_parser(sub) -> None:
     train.add_argument("--gpus", type=int, default=1, help="GPUs to shard over with FSDP2 (launched by torchrun)")
     train.add_argument("--steps", type=int, default=20, help="timed steps")
     train.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    train.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="also print tok/s over every N timed steps (synchronised at each window's end, as egmla-train's log "
+        "points are): does the rate hold over a long run?",
+    )
     train.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     train.add_argument(
         "--compile-scope",
@@ -258,10 +273,14 @@ def run(args) -> int:
                 not args.no_reshard,
                 args.prefetch,
                 args.loss,
+                args.window,
             )
             rows.append(row | stamp)
             if rank_zero:
                 print(format_table(rows).splitlines()[-1], flush=True)
+                if row["windows"]:
+                    rates = " ".join(f"{rate:,.0f}" for rate in row["windows"])
+                    print(f"  tok/s per {args.window} steps: {rates}", flush=True)
                 if args.csv:  # row by row: a run cut short keeps what it measured
                     append_csv(args.csv, rows[-1:], CSV_COLUMNS)
             if device.type == "cuda":
