@@ -45,6 +45,8 @@ def test_bench_train_windows_split_the_timed_steps(capsys):
     line = next(line for line in out.splitlines() if line.startswith("  tok/s per 3 steps: "))
     rates = [float(rate.replace(",", "")) for rate in line.split(": ")[1].split()]
     assert len(rates) == 2 and all(rate > 0 for rate in rates)
+    assert main([*argv[:-4], "--window=-1", "--variants", "mha"]) == 2  # argv without "--window 3 ..."
+    assert "--window -1 is invalid" in capsys.readouterr().err
 
 
 def test_bench_train_entries_with_their_own_overrides(tmp_path, capsys):

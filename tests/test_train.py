@@ -352,8 +352,19 @@ def test_time_in_the_garbage_collector_is_measured_per_window():
     assert meter.steady_share(meter.garbage_collection) == pytest.approx(
         sum(meter.garbage_collection[1:]) / sum(seconds for _, seconds in meter.windows[1:])
     )
-    meter.on_train_start(trainer, module)  # a run that fails stops listening too
-    meter.on_exception(trainer, module, RuntimeError("stopped"))
+    meter.on_train_start(trainer, module)  # a second fit listens again; a save's collections are the save's
+    meter.on_train_batch_start(trainer, module, None, 0)
+    trainer.global_step += 1
+    meter.on_train_batch_end(trainer, module, None, None, 0)
+    meter.on_save_checkpoint(trainer, module, {})  # ModelCheckpoint, after the window has closed
+    junk = [[i] for i in range(200_000)]
+    gc.collect()
+    del junk
+    meter.on_train_batch_start(trainer, module, None, 0)
+    trainer.global_step += 1
+    meter.on_train_batch_end(trainer, module, None, None, 0)
+    assert len(meter.garbage_collection) == 5 and meter.garbage_collection[-1] < took / 4
+    meter.on_exception(trainer, module, RuntimeError("stopped"))  # a run that fails stops listening too
     assert meter._time_gc not in gc.callbacks
 
 

@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=32, help="batches per printed line")
     parser.add_argument("--head-start", type=float, default=5.0, help="seconds the workers get first (compilation)")
     args = parser.parse_args()
+    if args.batches < 1 or args.group < 1:
+        parser.error("--batches and --group must be at least 1")
     cfg = OmegaConf.load(args.config)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     if args.workers is not None:

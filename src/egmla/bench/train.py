@@ -190,7 +190,7 @@ def add_parser(sub) -> None:
         type=int,
         default=0,
         help="also print tok/s over every N timed steps (synchronised at each window's end, as egmla-train's log "
-        "points are): does the rate hold over a long run?",
+        "points are, which the CSV row's mean then includes): does the rate hold over a long run?",
     )
     train.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     train.add_argument(
@@ -215,6 +215,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if args.window < 0:
+        print(f"egmla-bench: error: --window {args.window} is invalid: expected N >= 0 (0: none)", file=sys.stderr)
+        return 2
     if args.gpus > 1 and "LOCAL_RANK" not in os.environ:  # relaunch: one process per GPU (per CPU process without)
         if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
             print(

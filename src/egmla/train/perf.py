@@ -37,9 +37,11 @@ class Throughput(L.Callback):
     perf/between_batches: the share of a window's wall time the host spent between one batch's end hook and the next
     batch's start hook: the other callbacks' end hooks, fetching the next batch, moving it to the device. The GPU
     still works through queued steps meanwhile, so a high share costs speed only if it outlasts that queue; a data
-    loader that falls behind shows up here first. perf/garbage_collection: the share spent in Python's garbage
-    collector (this process, any thread), a pause that stalls the host wherever it falls: after compilation the
-    heap holds millions of objects, so a full collection takes long.
+    loader that falls behind shows up here first (and so do periodic evaluations, which run in those hooks). With
+    several ranks Lightning also waits for the GPU there once per batch (its SIGTERM broadcast reads a tensor), so
+    the share then holds GPU time too. perf/garbage_collection: the share spent in Python's garbage collector
+    (this process, any thread), a pause that stalls the host wherever it falls: after compilation the heap holds
+    millions of objects, so a full collection takes long. A collection between batches counts in both shares.
     """
 
     def __init__(self, flops_per_token: float, tokens_per_batch: int, log_every: int):
@@ -56,6 +58,7 @@ class Throughput(L.Callback):
         self._batch_end: float | None = None  # when this callback's last end hook returned (None: new window)
         self._window_gc = 0.0
         self._gc_start: float | None = None
+        self._gc_at_save = 0.0
         self.checkpoint_seconds = 0.0  # this process's time in checkpoint writes
         self._save_start: float | None = None
 
@@ -67,6 +70,7 @@ class Throughput(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Recorded now: after fit, Lightning moves the module back to the CPU.
         self.peak_flops_total = (peak_flops(pl_module.device) or 0.0) * trainer.world_size or None
+        self._window_start = self._batch_end = None  # a second fit with this callback starts a new window
         if self._time_gc not in gc.callbacks:
             gc.callbacks.append(self._time_gc)
 
@@ -88,6 +92,7 @@ class Throughput(L.Callback):
         # Lightning runs ModelCheckpoint after the other callbacks, so a save falls between two of our hooks:
         # it has ended by the next one, which takes its time out of the window (with one batch's dequeue, ~0).
         self._save_start = time.perf_counter()
+        self._gc_at_save = self._window_gc
 
     def _leave_out_checkpoint(self) -> None:
         if self._save_start is None:
@@ -96,6 +101,7 @@ class Throughput(L.Callback):
         self.checkpoint_seconds += seconds
         if self._window_start is not None:
             self._window_start += seconds
+            self._window_gc = self._gc_at_save  # collections during the save are the save's
         if self._batch_end is not None:
             self._batch_end += seconds
         self._save_start = None
