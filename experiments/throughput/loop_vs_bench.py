@@ -25,22 +25,19 @@ from egmla.report_curves import joined_rows
 HERE = Path(__file__).resolve().parent
 
 
-def steady_windows(run: Path, metric: str = "perf/tok_per_s") -> list[tuple[int, float]]:
-    """(last step, value of `metric`) of every logged throughput window but each process's first (compilation,
-    warm-up), as results.json counts them."""
+def steady_rows(run: Path) -> list[dict[str, float]]:
+    """The metric-log rows of every logged throughput window but each process's first (compilation, warm-up), as
+    results.json counts them."""
     rows = [row for row in joined_rows(run) if "perf/tok_per_s" in row]
-    return [
-        (int(row["step"]), row[metric])
-        for before, row in zip([None, *rows], rows, strict=False)
-        if before and before["process"] == row["process"] and metric in row
-    ]
+    pairs = zip([None, *rows], rows, strict=False)
+    return [row for before, row in pairs if before and before["process"] == row["process"]]
 
 
 def loop_tok_per_s(run: Path) -> tuple[float, str]:
     """Steady tok/s of a run folder and where it came from."""
     if (run / "results.json").is_file():
         return load_results(run / "results.json")["train"]["tok_per_s"], "results.json"
-    steady = [rate for _, rate in steady_windows(run)]
+    steady = [row["perf/tok_per_s"] for row in steady_rows(run)]
     # equal-token windows, so tokens / time is the harmonic mean of their rates
     return len(steady) / sum(1 / w for w in steady), f"metric log, {len(steady)} windows"
 
@@ -92,23 +89,21 @@ SHARES = {
 def print_windows(runs: list[list[str]], bench: dict[str, float]) -> None:
     """Loop / benchmark in each steady window, one row per run, one column per window's last step; then, for runs
     that logged them, the shares of each window between batches and in the garbage collector (egmla/train/perf.py)."""
-    windows = {run: dict(steady_windows(Path(run))) for _, run in runs}
-    steps = sorted({step for rates in windows.values() for step in rates})
+    steady = {run: steady_rows(Path(run)) for _, run in runs}  # each metric log read once
+    steps = sorted({int(row["step"]) for rows in steady.values() for row in rows})
     header = "| variant | loop run | " + " | ".join(map(str, steps)) + " |\n|---|---|" + "---:|" * len(steps)
-    print("\nLoop / benchmark in each steady window (columns: the window's last step)\n")
-    print(header)
-    for variant, run in runs:
-        cells = [f"{windows[run][s] / bench[variant]:.3f}" if s in windows[run] else "" for s in steps]
-        print(f"| {variant} | {run} | " + " | ".join(cells) + " |")
-    for metric, title in SHARES.items():
-        shares = {run: dict(steady_windows(Path(run), metric)) for _, run in runs}
-        if not any(shares.values()):
+    ratios = {"perf/tok_per_s": "Loop / benchmark in each steady window (columns: the window's last step)"}
+    for metric, title in (ratios | SHARES).items():
+        values = {run: {int(row["step"]): row[metric] for row in rows if metric in row} for run, rows in steady.items()}
+        ratio = metric == "perf/tok_per_s"  # every run's row; the shares only where logged
+        if not ratio and not any(values.values()):
             continue
         print(f"\n{title}\n")
         print(header)
         for variant, run in runs:
-            if shares[run]:
-                cells = [f"{shares[run][s]:.3f}" if s in shares[run] else "" for s in steps]
+            if ratio or values[run]:
+                scale = bench[variant] if ratio else 1.0
+                cells = [f"{values[run][s] / scale:.3f}" if s in values[run] else "" for s in steps]
                 print(f"| {variant} | {run} | " + " | ".join(cells) + " |")
 
 

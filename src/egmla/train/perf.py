@@ -152,16 +152,23 @@ class Throughput(L.Callback):
     @property
     def steady_tok_per_s(self) -> float | None:
         """Tokens/s over all windows but the first, which holds compilation and warm-up (all, if only one)."""
-        windows = self.windows[1:] or self.windows
-        seconds = sum(s for _, s in windows)
-        return sum(t for t, _ in windows) / seconds if seconds else None
+        seconds = self._steady_seconds()
+        return sum(t for t, _ in _steady(self.windows)) / seconds if seconds else None
 
     def steady_share(self, per_window: list[float]) -> float | None:
         """Share of the steady windows' wall time in `per_window` (between_batches, garbage_collection)."""
-        seconds = sum(s for _, s in self.windows[1:] or self.windows)
-        return sum(per_window[1:] or per_window) / seconds if seconds else None
+        seconds = self._steady_seconds()
+        return sum(_steady(per_window)) / seconds if seconds else None
+
+    def _steady_seconds(self) -> float:
+        return sum(s for _, s in _steady(self.windows))
 
     @property
     def steady_mfu(self) -> float | None:
         tok_per_s = self.steady_tok_per_s
         return self.flops_per_token * tok_per_s / self.peak_flops_total if self.peak_flops_total and tok_per_s else None
+
+
+def _steady(per_window: list) -> list:
+    """Every window but the first (compilation, warm-up); the only one if there is one."""
+    return per_window[1:] or per_window
