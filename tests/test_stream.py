@@ -9,6 +9,7 @@ from itertools import islice
 
 import pytest
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
 
 from egmla.data.stream import PackedBatches, SourceSpec, StreamPosition, open_documents
@@ -166,6 +167,28 @@ def test_resume_with_two_workers_matches_uninterrupted_run(tmp_path):
     k_epoch = next(k for k in range(1, total, 2) if states[k - 1]["epoch"] > 0)
     for k in (1, k_window, k_epoch):
         assert torch.equal(ids_of(resumed({}, source, k, total, num_workers=2)), ids_of(full)), k
+
+
+def leaves(batch: dict) -> int:
+    """Objects Lightning's move of a batch to the device visits one by one (it recurses into mappings and into
+    sequences other than str), counted with the same walker."""
+    visited = []
+    apply_to_collection(batch, (torch.Tensor, int, float, str, type(None)), visited.append)
+    return len(visited)
+
+
+def test_a_batch_is_a_few_leaves_however_long_the_carry(tmp_path):
+    # A carry of up to seq_len ints as a Python list made the training process walk each of them on every batch
+    # once the first window was used up (experiments/throughput/README.md, "The drop after step 256").
+    source = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in varied_docs(60)])
+    batches = list(islice(DataLoader(make(source, seq_len=63), batch_size=None, num_workers=2), 12))
+    position, carries = StreamPosition(), []
+    for batch in batches:
+        position.update(batch["state"])
+        role = str(batch["state"]["role"])
+        carries.append(len(position.state_dict()["roles"][role]["carry_at_window_start"]))
+    assert max(carries) > 8  # some window started with a long carry
+    assert max(leaves(b) for b in batches) == 1 + len(batches[0]["state"])  # the ids tensor and one leaf per key
 
 
 def test_resume_refuses_other_settings(tmp_path):

@@ -1,6 +1,7 @@
 """Can the training data stream keep up? Time egmla-train's train DataLoader, as a run's config.yaml builds it,
-consumed at a GPU's pace: how long each `next()` waits, per group of batches. No GPU and no model: the stream
-alone (needs the run's data on disk, e.g. `make data-code`).
+consumed at a GPU's pace: how long each `next()` waits, and how long Lightning's move of the batch to the device
+walks it in the training process (measured here with the CPU as the device: the walk without the copy), per group
+of batches. No GPU and no model: the stream alone (needs the run's data on disk, e.g. `make data-code`).
 
     python experiments/throughput/loader_pace.py experiments/throughput/loop_runs/509b7da/mha/config.yaml \\
         --pace-ms 70 --batches 600          # MHA's step time on an H200; 600 batches span two shuffle windows
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import OmegaConf
 
 from egmla.train.datamodule import StreamDataModule
@@ -43,21 +46,25 @@ def main() -> None:
         f"shuffle_window {data['shuffle_window']}, batch {data['batch_size']} x {data['seq_len']}"
     )
     time.sleep(args.head_start)
-    waits = []
+    waits, moves = [], []
     for _ in range(args.batches):
         start = time.perf_counter()
-        next(batches)
+        batch = next(batches)
         waits.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        move_data_to_device(batch, torch.device("cpu"))
+        moves.append(time.perf_counter() - start)
         time.sleep(args.pace_ms / 1000)
     for first in range(0, len(waits), args.group):
-        group = waits[first : first + args.group]
+        group, move = waits[first : first + args.group], moves[first : first + args.group]
         print(
             f"batches {first + 1:5d}-{first + len(group):5d}: wait mean {1000 * sum(group) / len(group):7.2f} ms, "
-            f"max {1000 * max(group):7.1f} ms"
+            f"max {1000 * max(group):7.1f} ms; move mean {1000 * sum(move) / len(move):6.3f} ms"
         )
     print(
         f"all: {1000 * sum(waits):.0f} ms of waits in {len(waits)} batches "
-        f"({sum(waits) / (sum(waits) + len(waits) * args.pace_ms / 1000):.1%} of the time)"
+        f"({sum(waits) / (sum(waits) + len(waits) * args.pace_ms / 1000):.1%} of the time); "
+        f"moves {1000 * sum(moves) / len(moves):.3f} ms a batch"
     )
 
 

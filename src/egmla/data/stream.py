@@ -40,6 +40,12 @@ re-opens the source, skips docs_at_window_start rows (no tokenizing), restores t
 applies the same permutation, skips blocks_done_in_window blocks, and continues. Because every input of a
 window is fixed by the source order and its start, the resumed stream is bit-identical to the uninterrupted one.
 
+The carry in a batch is one string of space-separated ids; a saved position (`StreamPosition.state_dict()`) holds
+it as a list of ints. Lightning's move to the device walks every element of a list, a tuple or bytes, in the
+training process, on every batch: up to seq_len ints once the first window is used up, which cost the loop 2-3%
+of its speed (experiments/throughput/README.md, "The drop after step 256"). The DataLoader would turn a numpy
+array into a tensor bound for the GPU. A string is one leaf for both.
+
 DataLoader order. With an infinite stream, DataLoader(batch_size=None, in_order=True) delivers batches from its
 workers round-robin (0, 1, ..., W - 1, 0, ...). After k batches were consumed the next one must come from role
 k % W, and a fresh DataLoader starts with worker 0; so worker w plays role (k + w) % W and resumes from that
@@ -186,17 +192,17 @@ class _WindowStart:
     epoch: int
     window_index: int
     docs: int  # source rows read in this epoch before the window's first document
-    carry: list[int]  # leftover tokens at that moment (< seq_len + 1)
+    carry: np.ndarray  # int64 leftover tokens at that moment (< seq_len + 1)
 
     @classmethod
     def from_state(cls, state: dict | None) -> tuple[_WindowStart, int]:
         if state is None:
-            return cls(0, 0, 0, []), 0
+            return cls(0, 0, 0, _carry([])), 0
         start = cls(
             int(state["epoch"]),
             int(state["window_index"]),
             int(state["docs_at_window_start"]),
-            [int(t) for t in state["carry_at_window_start"]],
+            _carry(state["carry_at_window_start"]),
         )
         return start, int(state["blocks_done_in_window"])
 
@@ -340,7 +346,7 @@ class PackedBatches(IterableDataset):
         """(window start, blocks [n, seq_len + 1] in source order, start of the next window), from `start` on."""
         target, length, eos = max(1, self.shuffle_window), self.block_len, self.tokenizer.eos_id
         while self.loop or start.epoch == 0:
-            buffer, pieces, count, seen = list(start.carry), [], 0, False
+            buffer, pieces, count, seen = start.carry.tolist(), [], 0, False
             for row, ids in self._documents(source, start.docs, shard, num_shards):
                 seen = True
                 buffer.extend(ids)
@@ -353,10 +359,10 @@ class PackedBatches(IterableDataset):
                 del buffer[:cut]
                 count += cut // length
                 if count >= target:  # close the window at this document boundary
-                    following = _WindowStart(start.epoch, start.window_index + 1, row + 1, _ints(buffer))
+                    following = _WindowStart(start.epoch, start.window_index + 1, row + 1, _carry(buffer))
                     yield start, np.concatenate(pieces), following
                     start, pieces, count = following, [], 0
-            following = _WindowStart(start.epoch + 1, 0, 0, _ints(buffer))  # the carry continues into next epoch
+            following = _WindowStart(start.epoch + 1, 0, 0, _carry(buffer))  # the carry continues into next epoch
             if count:
                 yield start, np.concatenate(pieces), following
             if not seen and start.docs == 0 and self.loop:
@@ -380,7 +386,7 @@ class PackedBatches(IterableDataset):
             "epoch": start.epoch,
             "window_index": start.window_index,
             "docs_at_window_start": start.docs,
-            "carry_at_window_start": start.carry,
+            "carry_at_window_start": " ".join(map(str, start.carry.tolist())),
             "blocks_done_in_window": blocks_done,
             **settings,
         }
@@ -465,11 +471,14 @@ class StreamPosition:
 
 
 def _copy_state(state: dict) -> dict:
-    return dict(state, carry_at_window_start=list(state["carry_at_window_start"]))
+    return dict(state, carry_at_window_start=_carry(state["carry_at_window_start"]).tolist())
 
 
-def _ints(tokens: list) -> list[int]:
-    return [int(t) for t in tokens]
+def _carry(tokens: str | list[int]) -> np.ndarray:
+    """A carry as an int64 array, from a batch state's string or a saved position's list."""
+    if isinstance(tokens, str):
+        tokens = tokens.split()
+    return np.asarray(tokens, dtype=np.int64).reshape(-1)
 
 
 def _check_positive(**values: int) -> None:
