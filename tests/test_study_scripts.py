@@ -134,3 +134,21 @@ def test_loader_pace_times_every_batch_of_the_configs_stream(corpus, tmp_path, m
     ]
     assert all("; move mean " in line for line in out[1:4])  # Lightning's walk of each batch, timed apart
     assert out[4].startswith("all: ") and " in 10 batches (100.0% of the time); moves " in out[4]  # no pace: waits
+
+
+def test_gpu_busy_reports_each_stretch_above_the_power_threshold(tmp_path, monkeypatch, capsys):
+    def line(second: int, clock: int, watts: float, busy: int) -> str:
+        return f"2026/12/04 17:00:{second:02d}.500, 40, {clock} MHz, {watts} W, {busy} %"
+
+    samples = [(345, 80.0, 0), (1700, 690.0, 50), (1700, 695.0, 100), (1600, 690.0, 90), (1980, 300.0, 20)]
+    samples += [(1980, 120.0, 0), (1800, 650.0, 95), (1800, 120.0, 0)]  # a stretch of one sample: left out
+    log = tmp_path / "gpu.csv"
+    header = "timestamp, temperature.gpu, clocks.sm [MHz], power.draw [W], utilization.gpu [%]"
+    log.write_text("\n".join([header, *(line(i, *s) for i, s in enumerate(samples))]) + "\n2026/12/04 17:00:59")
+    script = load_script("experiments/throughput/gpu_busy.py")
+    monkeypatch.setattr(sys, "argv", ["gpu_busy.py", str(log)])
+    script.main()
+    # samples 1-3 are above 400 W; the first and last of a stretch are left out of its figures
+    assert capsys.readouterr().out.splitlines() == [
+        "17:00:01-17:00:03    1 samples  utilisation 100-100% (mean 100.0)  SM clock mean 1700 MHz"
+    ]
