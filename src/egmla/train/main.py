@@ -48,6 +48,7 @@ from .datamodule import StreamDataModule
 from .fsdp import fsdp2_strategy
 from .module import LanguageModel, NonFiniteLossError
 from .perf import Throughput
+from .profile import StepProfiler
 from .progress import progress_callback
 from .quiet import quiet_lightning
 from .rundir import environment, is_rank_zero, write_json
@@ -76,6 +77,12 @@ def prepare(cfg: DictConfig) -> Run:
     _check_machine(settings)
     budget = apply_budget(cfg)  # train.max_steps and trainer.accumulate_grad_batches from a token budget
     settings = settings.with_budget(budget)
+    profile = settings.train.profile_steps
+    if profile is not None and profile[0] > settings.train.max_steps:
+        raise ConfigError(
+            f"train.profile_steps={list(profile)} starts after the run's last step ({settings.train.max_steps}): "
+            "profile steps it trains"
+        )
     run_dir = Path(cfg.run_dir)
     resume = resolve_resume(cfg.resume, run_dir)
     saved = check_checkpoint(resume, settings.model) if resume is not None else {}
@@ -175,7 +182,9 @@ def build_trainer(run: Run, callbacks: list) -> tuple[L.Trainer, ModelCheckpoint
         save_last="link",  # last.ckpt links to the newest checkpoint: one write per save, not two
         enable_version_counter=False,  # a resumed run rewrites stepN.ckpt and last.ckpt, never adds last-v1.ckpt
     )
-    periodic = [run.periodic] if run.periodic is not None else []
+    optional = [run.periodic] if run.periodic is not None else []
+    if t.profile_steps is not None:
+        optional.append(StepProfiler(*t.profile_steps, run.run_dir / "profile"))
     trainer = L.Trainer(
         accelerator=s.trainer.accelerator,
         devices=s.trainer.devices,
@@ -190,7 +199,7 @@ def build_trainer(run: Run, callbacks: list) -> tuple[L.Trainer, ModelCheckpoint
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every,
         logger=_logger(run.cfg, run.run_dir),
-        callbacks=[checkpoints, throughput, progress_callback(t.log_every), *periodic, *callbacks],
+        callbacks=[checkpoints, throughput, progress_callback(t.log_every), *optional, *callbacks],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(run.run_dir),
         enable_model_summary=False,
@@ -292,6 +301,7 @@ def write_results(run: Run, trainer: L.Trainer, module: LanguageModel, throughpu
             "between_batches": throughput.steady_share(throughput.between_batches),
             "garbage_collection": throughput.steady_share(throughput.garbage_collection),
             "checkpoint_s": throughput.checkpoint_seconds,  # checkpoint writes, left out of tok_per_s
+            "profiled_steps": s.train.profile_steps,  # steps slowed by the profiler (and counted in tok_per_s)
             "devices": trainer.world_size,
             "max_tokens": run.budget.max_tokens,  # the budget asked for (null: given in steps)
             "global_batch_tokens": tokens_per_step,

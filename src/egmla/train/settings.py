@@ -137,6 +137,7 @@ class TrainConfig:
     fused_loss: bool
     compile_scope: str
     activation_checkpointing: str
+    profile_steps: list[int] | None
 
     @classmethod
     def from_dict(cls, node: Any) -> TrainConfig:
@@ -158,6 +159,18 @@ class TrainConfig:
         check_bool("train.fused_loss", self.fused_loss)
         check_choice("train.compile_scope", self.compile_scope, COMPILE_SCOPES)
         check_choice("train.activation_checkpointing", self.activation_checkpointing, AC_MODES)
+        steps = self.profile_steps
+        if steps is not None and not (
+            isinstance(steps, Sequence)
+            and len(steps) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+            and 1 <= steps[0] <= steps[1]
+        ):
+            reject(
+                "train.profile_steps",
+                steps,
+                "expected null or [first, last], optimizer steps with 1 <= first <= last, e.g. [300,304]",
+            )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,103 @@
+"""train.profile_steps: a profiler record of chosen optimizer steps, its trace and summary (egmla/train/profile.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from conftest import overrides, run_training
+from egmla import ConfigError, compose
+from egmla.train.main import prepare
+from egmla.train.profile import busy_and_gaps
+
+
+def test_profiled_steps_leave_a_trace_and_a_summary(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    results = run_training(overrides(corpus, run_dir, "train.profile_steps=[2,3]"))
+    assert results["train"]["profiled_steps"] == [2, 3]
+    trace = json.loads(gzip.decompress((run_dir / "profile" / "trace.json.gz").read_bytes()))
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert any(name.startswith("aten::") for name in names)  # the steps' torch ops are on the time line
+    summary = (run_dir / "profile" / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("steps 2-3: ") and summary[0].endswith(" ms a step (wall, profiler running)")
+    assert summary[1] == "GPU: none recorded (a CPU run)"
+    assert any("Self CPU" in line for line in summary)  # the operator table
+
+
+def test_a_run_that_ends_inside_the_profiled_steps_keeps_them(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(overrides(corpus, run_dir, "train.profile_steps=[5,50]"))  # 6 steps
+    assert (run_dir / "profile" / "summary.txt").read_text().startswith("steps 5-5: ")
+    assert not (run_dir / "profile" / "trace.json").exists()  # only the compressed trace stays
+
+
+@pytest.mark.parametrize("value", ["[0,3]", "[4,3]", "[3]", "[1.5,2]", "[true,2]", "3"])
+def test_bad_profile_steps_are_refused_in_one_line(corpus, tmp_path, value):
+    with pytest.raises(ConfigError, match=r"^train.profile_steps=.* is invalid: expected null or \[first, last\]"):
+        prepare(compose(overrides(corpus, tmp_path / "run", f"train.profile_steps={value}")))
+
+
+def test_profile_steps_after_the_last_step_are_refused(corpus, tmp_path):
+    with pytest.raises(ConfigError, match=r"^train.profile_steps=\[7, 9\] starts after the run's last step \(6\)"):
+        prepare(compose(overrides(corpus, tmp_path / "run", "train.profile_steps=[7,9]")))
+
+
+def test_busy_time_and_gaps_of_overlapping_intervals():
+    intervals = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (6.0, 7.0), (9.0, 10.0), (9.5, 9.7)]
+    assert busy_and_gaps(intervals) == (6.0, [(3.0, 5.0), (7.0, 9.0)])
+
+
+class _Range:
+    def __init__(self, start: float, end: float):
+        self.start, self.end = start, end
+
+    def elapsed_us(self) -> float:
+        return self.end - self.start
+
+
+class _Event:
+    def __init__(self, name: str, device: str, start: float, end: float):
+        from torch.autograd import DeviceType
+
+        self.name, self.time_range = name, _Range(start, end)
+        self.device_type = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+
+
+class _Recorded:
+    """What summarize() reads of a torch.profiler.profile: its events (times in microseconds) and operator table."""
+
+    def __init__(self, events: list[_Event]):
+        self._events = events
+
+    def events(self) -> list[_Event]:
+        return self._events
+
+    def key_averages(self):
+        return self
+
+    def table(self, sort_by: str, row_limit: int) -> str:
+        return f"(operators by {sort_by})"
+
+
+def test_summary_names_the_host_wait_under_each_gpu_gap():
+    from egmla.train.profile import summarize
+
+    events = [
+        _Event("kernel_a", "cuda", 0, 6000),
+        _Event("kernel_b", "cuda", 8000, 10000),  # 2 ms idle before it: the host waited in a sync
+        _Event("kernel_c", "cuda", 10500, 20000),  # 0.5 ms idle: the host ran Python outside torch's ops
+        _Event("aten::copy_", "cpu", 5000, 8100),
+        _Event("cudaStreamSynchronize", "cpu", 5500, 7900),
+        _Event("aten::mm", "cpu", 1000, 2000),
+    ]
+    lines = summarize(_Recorded(events), 10, 11, wall=0.04).splitlines()
+    assert lines[0] == "steps 10-11: 20.00 ms a step (wall, profiler running)"
+    assert lines[1] == "GPU busy 87.5% of 20.0 ms from its first kernel to its last (1.25 ms idle a step)"
+    assert lines[3].startswith("longest GPU idle gaps")
+    assert lines[4] == (
+        "     2.00  +     6.0  cudaStreamSynchronize (1.90 of it), aten::copy_ (2.00 of it)"
+    )  # the shortest op spanning most of the gap first: the wait itself, then what called it
+    assert lines[5] == "     0.50  +    10.0  (no torch op: Python outside torch)"
+    assert lines[-1] == "(operators by self_cuda_time_total)"
