@@ -22,15 +22,35 @@ def test_profiled_steps_leave_a_trace_and_a_summary(corpus, tmp_path):
     assert any(name.startswith("aten::") for name in names)  # the steps' torch ops are on the time line
     summary = (run_dir / "profile" / "summary.txt").read_text().splitlines()
     assert summary[0].startswith("steps 2-3: ") and summary[0].endswith(" ms a step (wall, profiler running)")
-    assert summary[1] == "GPU: none recorded (a CPU run)"
+    # validation every 3 steps and checkpoints every 2 (conftest): the record, from the end of step 1 to the end of
+    # step 3, holds the validation after step 2 and the save after step 1 (Lightning saves after the other hooks)
+    assert summary[1] == "inside the record: 1 validation(s), 1 checkpoint save(s)"
+    assert summary[2] == "GPU: none recorded (a CPU run)"
     assert any("Self CPU" in line for line in summary)  # the operator table
 
 
 def test_a_run_that_ends_inside_the_profiled_steps_keeps_them(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    run_training(overrides(corpus, run_dir, "train.profile_steps=[5,50]"))  # 6 steps
+    results = run_training(overrides(corpus, run_dir, "train.profile_steps=[5,50]"))  # steps 0-5
+    assert results["train"]["profiled_steps"] == [5, 5]
     assert (run_dir / "profile" / "summary.txt").read_text().startswith("steps 5-5: ")
     assert not (run_dir / "profile" / "trace.json").exists()  # only the compressed trace stays
+
+
+def test_a_run_resumed_past_the_profiled_steps_says_so_and_records_none(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(overrides(corpus, run_dir, "train.max_steps=4"))
+    with pytest.warns(UserWarning, match="starts at step 2, but this run resumes at step 4: nothing is profiled"):
+        results = run_training(overrides(corpus, run_dir, "resume=last", "train.profile_steps=[2,5]"))
+    assert results["train"]["profiled_steps"] is None and not (run_dir / "profile").exists()
+
+
+def test_a_run_resumed_at_the_first_profiled_step_records_it(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(overrides(corpus, run_dir, "train.max_steps=4"))
+    results = run_training(overrides(corpus, run_dir, "resume=last", "train.profile_steps=[4,4]"))
+    assert results["train"]["profiled_steps"] == [4, 4]
+    assert (run_dir / "profile" / "summary.txt").read_text().startswith("steps 4-4: ")
 
 
 @pytest.mark.parametrize("value", ["[0,3]", "[4,3]", "[3]", "[1.5,2]", "[true,2]", "3"])
@@ -40,8 +60,8 @@ def test_bad_profile_steps_are_refused_in_one_line(corpus, tmp_path, value):
 
 
 def test_profile_steps_after_the_last_step_are_refused(corpus, tmp_path):
-    with pytest.raises(ConfigError, match=r"^train.profile_steps=\[7, 9\] starts after the run's last step \(6\)"):
-        prepare(compose(overrides(corpus, tmp_path / "run", "train.profile_steps=[7,9]")))
+    with pytest.raises(ConfigError, match=r"^train.profile_steps=\[6, 9\] starts after the run's last step \(5, "):
+        prepare(compose(overrides(corpus, tmp_path / "run", "train.profile_steps=[6,9]")))  # steps 0-5
 
 
 def test_busy_time_and_gaps_of_overlapping_intervals():
@@ -100,4 +120,4 @@ def test_summary_names_the_host_wait_under_each_gpu_gap():
         "     2.00  +     6.0  cudaStreamSynchronize (1.90 of it), aten::copy_ (2.00 of it)"
     )  # the shortest op spanning most of the gap first: the wait itself, then what called it
     assert lines[5] == "     0.50  +    10.0  (no torch op: Python outside torch)"
-    assert lines[-1] == "(operators by self_cuda_time_total)"
+    assert lines[-1] == "(operators by self_device_time_total)"

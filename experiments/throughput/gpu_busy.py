@@ -1,5 +1,6 @@
 """How busy the GPU was in each stretch of work, from an nvidia-smi log: the samples above a power threshold, in
-runs of consecutive seconds, with their utilisation (the share of each sample in which a kernel ran) and SM clock.
+runs of consecutive seconds, with their utilisation (the share of each sample in which a kernel ran) and SM clock
+(the times printed span the whole stretch; the figures leave out its first and last samples, partly idle).
 A benchmark that keeps the GPU fed reads ~100%; a training loop whose host leaves gaps reads less, on the same
 clocks. The log is what this command writes (one line a second; a header line is skipped):
 
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--watts", type=float, default=400.0, help="power above which the card counts as working")
     parser.add_argument("--min-samples", type=int, default=3, help="shorter stretches are left out")
     args = parser.parse_args()
+    if args.min_samples < 3:
+        parser.error("--min-samples must be at least 3: a stretch's first and last samples are left out")
     with open(args.log) as f:
         rows = list(csv.reader(f))
     for run in stretches(rows, args.watts):

@@ -58,6 +58,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -185,7 +186,7 @@ def open_documents(spec: SourceSpec) -> Iterator[dict]:
 # ----------------------------------------------------------------------------------------------------- positions
 
 
-@dataclass
+@dataclass(eq=False)
 class _WindowStart:
     """Where a window begins: everything needed to rebuild it."""
 
@@ -205,6 +206,11 @@ class _WindowStart:
             _carry(state["carry_at_window_start"]),
         )
         return start, int(state["blocks_done_in_window"])
+
+    @cached_property
+    def carry_text(self) -> str:
+        """The carry as a batch state holds it (built once per window, not once per batch)."""
+        return " ".join(map(str, self.carry.tolist()))
 
 
 # Where each resume setting comes from, for the fix in the refusal message.
@@ -386,7 +392,7 @@ class PackedBatches(IterableDataset):
             "epoch": start.epoch,
             "window_index": start.window_index,
             "docs_at_window_start": start.docs,
-            "carry_at_window_start": " ".join(map(str, start.carry.tolist())),
+            "carry_at_window_start": start.carry_text,
             "blocks_done_in_window": blocks_done,
             **settings,
         }

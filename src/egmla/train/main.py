@@ -78,10 +78,10 @@ def prepare(cfg: DictConfig) -> Run:
     budget = apply_budget(cfg)  # train.max_steps and trainer.accumulate_grad_batches from a token budget
     settings = settings.with_budget(budget)
     profile = settings.train.profile_steps
-    if profile is not None and profile[0] > settings.train.max_steps:
+    if profile is not None and profile[0] >= settings.train.max_steps:
         raise ConfigError(
-            f"train.profile_steps={list(profile)} starts after the run's last step ({settings.train.max_steps}): "
-            "profile steps it trains"
+            f"train.profile_steps={list(profile)} starts after the run's last step ({settings.train.max_steps - 1}, "
+            "counted from 0 as metrics.csv's step column): profile steps it trains"
         )
     run_dir = Path(cfg.run_dir)
     resume = resolve_resume(cfg.resume, run_dir)
@@ -276,6 +276,10 @@ def fit(run: Run, trainer: L.Trainer, module: LanguageModel, checkpoints: ModelC
 # ------------------------------------------------------------------------------------------------ write results
 
 
+def _profiled_steps(trainer: L.Trainer) -> list[int] | None:
+    return next((c.recorded for c in trainer.callbacks if isinstance(c, StepProfiler)), None)
+
+
 def write_results(run: Run, trainer: L.Trainer, module: LanguageModel, throughput: Throughput) -> dict[str, Any]:
     """results.json: the config, the environment, the model's size, what was trained and how fast, the final
     validation, and (with eval.tasks) the final checkpoint's accuracies."""
@@ -301,7 +305,7 @@ def write_results(run: Run, trainer: L.Trainer, module: LanguageModel, throughpu
             "between_batches": throughput.steady_share(throughput.between_batches),
             "garbage_collection": throughput.steady_share(throughput.garbage_collection),
             "checkpoint_s": throughput.checkpoint_seconds,  # checkpoint writes, left out of tok_per_s
-            "profiled_steps": s.train.profile_steps,  # steps slowed by the profiler (and counted in tok_per_s)
+            "profiled_steps": _profiled_steps(trainer),  # slowed by the profiler (and counted in tok_per_s)
             "devices": trainer.world_size,
             "max_tokens": run.budget.max_tokens,  # the budget asked for (null: given in steps)
             "global_batch_tokens": tokens_per_step,

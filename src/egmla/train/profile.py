@@ -1,13 +1,17 @@
 """`train.profile_steps=[first, last]`: a torch.profiler record of optimizer steps first..last on rank zero, to see
-where a training loop loses time against `egmla-bench train`. Written to run_dir/profile/:
+where a training loop loses time against `egmla-bench train`. Steps are numbered as metrics.csv's `step` column
+(from 0: step k runs while k steps are done; the progress line prints it as k + 1 when it ends). Written to
+run_dir/profile/:
 
     trace.json.gz  the Chrome trace: host ops, CUDA runtime calls and kernels on one time line (ui.perfetto.dev)
     summary.txt    wall time a step, the GPU's busy share, its longest idle gaps with the host ops that spanned
                    them (a gap under a cudaStreamSynchronize or a tensor read is a host wait), the top operators
 
 The record runs from the end of step first - 1 to the end of step `last`, so each step's time between batches
-(Lightning's hooks, the next batch, its move to the device) is in it. The profiler slows the host down: a
-profiled run's tok/s is not a measurement; profile a copy of the run, not the one whose speed you report.
+(Lightning's hooks, the next batch, its move to the device) is in it; summary.txt says how many validations and
+checkpoint saves fell inside. The profiler slows the host down: a profiled run's tok/s is not a measurement;
+profile a copy of the run, not the one whose speed you report. results.json's train.profiled_steps holds the
+steps actually recorded (null: none, e.g. a run resumed past `first`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -30,55 +35,99 @@ TOP_OPERATORS = 25
 class StepProfiler(L.Callback):
     def __init__(self, first: int, last: int, out_dir: Path):
         self.first, self.last, self.out_dir = first, last, Path(out_dir)
-        self.summary: str | None = None  # summary.txt's text, once written
-        self._profiler: torch.profiler.profile | None = None
-        self._start = 0.0
+        self.recorded: list[int] | None = None  # [first, last] of the steps in the trace, once written
+        self._profiler: torch.profiler.profile | None = None  # while recording
+        self._done: torch.profiler.profile | None = None  # recorded, its summary not yet written
+        self._start, self._wall = 0.0, 0.0
+        self._validations = self._saves = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and trainer.global_step == self.first:  # resumed just before the first step
+            self._begin(pl_module)
+        elif trainer.is_global_zero and trainer.global_step > self.first:
+            warnings.warn(
+                f"train.profile_steps starts at step {self.first}, but this run resumes at step "
+                f"{trainer.global_step}: nothing is profiled",
+                stacklevel=1,
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not trainer.is_global_zero or trainer.fit_loop._should_accumulate():
             return
-        step = trainer.global_step  # optimizer steps done
-        if step == self.first and self._profiler is None and self.summary is None:
-            cuda = pl_module.device.type == "cuda"
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            self._profiler = torch.profiler.profile(activities=activities)
-            self._profiler.__enter__()
-            self._start = time.perf_counter()
+        step = trainer.global_step  # optimizer steps done: the next one is step `step`
+        if step == self.first and self._profiler is None and self.recorded is None:
+            self._begin(pl_module)
         elif step == self.last + 1 and self._profiler is not None:
-            self._finish(pl_module)
+            self._stop(pl_module, step)
+
+    def _begin(self, pl_module) -> None:
+        cuda = pl_module.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(pl_module.device)  # the record starts with no earlier step in flight
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler.__enter__()
+        self._start = time.perf_counter()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._validations += self._profiler is not None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._saves += self._profiler is not None
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._profiler is not None:  # the run ended inside the profiled steps: keep what was recorded
-            self._finish(pl_module)
+            self._stop(pl_module, trainer.global_step)
+        if self._done is not None:
+            self._write_summary()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if self._profiler is not None:
-            self._profiler.__exit__(None, None, None)
-            self._profiler = None
+        if self._profiler is not None:  # what led up to the failure is worth keeping
+            self._stop(pl_module, trainer.global_step)
+        if self._done is not None:
+            self._write_summary()
 
-    def _finish(self, pl_module) -> None:
+    def _stop(self, pl_module, steps_done: int) -> None:
+        """End the record and write the trace; the summary (slow on a long trace) waits for the end of training,
+        so that other ranks do not wait for it in their next collective."""
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
-        wall = time.perf_counter() - self._start
+        self._wall = time.perf_counter() - self._start
         profiler, self._profiler = self._profiler, None
         profiler.__exit__(None, None, None)
-        steps = pl_module.trainer.global_step - self.first
+        if steps_done <= self.first:  # no step finished inside the record
+            return
+        self.recorded, self._done = [self.first, steps_done - 1], profiler
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / "trace.json"
         profiler.export_chrome_trace(str(trace))
         with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         trace.unlink()
-        self.summary = summarize(profiler, self.first, self.first + steps - 1, wall)
-        (self.out_dir / "summary.txt").write_text(self.summary)
-        print(f"profile of steps {self.first}-{self.first + steps - 1} -> {self.out_dir}", flush=True)
+
+    def _write_summary(self) -> None:
+        """summary.txt; a failure here costs the summary, never the run (the trace is written already)."""
+        profiler, self._done = self._done, None
+        first, last = self.recorded
+        try:
+            head, rest = summarize(profiler, first, last, self._wall).split("\n", 1)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not end the training it watches
+            warnings.warn(f"profile summary not written ({type(exc).__name__}: {exc}); the trace is", stacklevel=1)
+            return
+        inside = f"inside the record: {self._validations} validation(s), {self._saves} checkpoint save(s)"
+        (self.out_dir / "summary.txt").write_text(f"{head}\n{inside}\n{rest}")
+        print(f"profile of steps {first}-{last} -> {self.out_dir}", flush=True)
 
 
 def summarize(profiler: torch.profiler.profile, first: int, last: int, wall: float) -> str:
     events = profiler.events()
     steps = last - first + 1
     lines = [f"steps {first}-{last}: {1000 * wall / steps:.2f} ms a step (wall, profiler running)"]
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    kernels = sorted(  # kernels and copies; not the annotations (compiled regions) that span them on the GPU row
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    )
     if not kernels:
         lines.append("GPU: none recorded (a CPU run)")
     else:
@@ -94,7 +143,7 @@ def summarize(profiler: torch.profiler.profile, first: int, last: int, wall: flo
             lines.append(
                 f"  {(end - start) / 1000:7.2f}  +{(start - kernels[0][0]) / 1000:8.1f}  {_host_ops(host, start, end)}"
             )
-    sort_by = "self_cuda_time_total" if kernels else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if kernels else "self_cpu_time_total"
     lines += ["", profiler.key_averages().table(sort_by=sort_by, row_limit=TOP_OPERATORS)]
     return "\n".join(lines) + "\n"
 
