@@ -186,31 +186,31 @@ def open_documents(spec: SourceSpec) -> Iterator[dict]:
 # ----------------------------------------------------------------------------------------------------- positions
 
 
-@dataclass(eq=False)
+@dataclass
 class _WindowStart:
     """Where a window begins: everything needed to rebuild it."""
 
     epoch: int
     window_index: int
     docs: int  # source rows read in this epoch before the window's first document
-    carry: np.ndarray  # int64 leftover tokens at that moment (< seq_len + 1)
+    carry: list[int]  # leftover tokens at that moment (< seq_len + 1)
 
     @classmethod
     def from_state(cls, state: dict | None) -> tuple[_WindowStart, int]:
         if state is None:
-            return cls(0, 0, 0, _carry([])), 0
+            return cls(0, 0, 0, []), 0
         start = cls(
             int(state["epoch"]),
             int(state["window_index"]),
             int(state["docs_at_window_start"]),
-            _carry(state["carry_at_window_start"]),
+            _ints(state["carry_at_window_start"]),
         )
         return start, int(state["blocks_done_in_window"])
 
     @cached_property
     def carry_text(self) -> str:
         """The carry as a batch state holds it (built once per window, not once per batch)."""
-        return " ".join(map(str, self.carry.tolist()))
+        return " ".join(map(str, self.carry))
 
 
 # Where each resume setting comes from, for the fix in the refusal message.
@@ -352,7 +352,7 @@ class PackedBatches(IterableDataset):
         """(window start, blocks [n, seq_len + 1] in source order, start of the next window), from `start` on."""
         target, length, eos = max(1, self.shuffle_window), self.block_len, self.tokenizer.eos_id
         while self.loop or start.epoch == 0:
-            buffer, pieces, count, seen = start.carry.tolist(), [], 0, False
+            buffer, pieces, count, seen = list(start.carry), [], 0, False
             for row, ids in self._documents(source, start.docs, shard, num_shards):
                 seen = True
                 buffer.extend(ids)
@@ -365,10 +365,10 @@ class PackedBatches(IterableDataset):
                 del buffer[:cut]
                 count += cut // length
                 if count >= target:  # close the window at this document boundary
-                    following = _WindowStart(start.epoch, start.window_index + 1, row + 1, _carry(buffer))
+                    following = _WindowStart(start.epoch, start.window_index + 1, row + 1, _ints(buffer))
                     yield start, np.concatenate(pieces), following
                     start, pieces, count = following, [], 0
-            following = _WindowStart(start.epoch + 1, 0, 0, _carry(buffer))  # the carry continues into next epoch
+            following = _WindowStart(start.epoch + 1, 0, 0, _ints(buffer))  # the carry continues into next epoch
             if count:
                 yield start, np.concatenate(pieces), following
             if not seen and start.docs == 0 and self.loop:
@@ -477,14 +477,12 @@ class StreamPosition:
 
 
 def _copy_state(state: dict) -> dict:
-    return dict(state, carry_at_window_start=_carry(state["carry_at_window_start"]).tolist())
+    return dict(state, carry_at_window_start=_ints(state["carry_at_window_start"]))
 
 
-def _carry(tokens: str | list[int]) -> np.ndarray:
-    """A carry as an int64 array, from a batch state's string or a saved position's list."""
-    if isinstance(tokens, str):
-        tokens = tokens.split()
-    return np.asarray(tokens, dtype=np.int64).reshape(-1)
+def _ints(tokens: str | list) -> list[int]:
+    """Token ids as Python ints, from a list or from a batch state's carry string."""
+    return [int(t) for t in (tokens.split() if isinstance(tokens, str) else tokens)]
 
 
 def _check_positive(**values: int) -> None:

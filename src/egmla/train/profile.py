@@ -16,8 +16,6 @@ steps actually recorded (null: none, e.g. a run resumed past `first`).
 
 from __future__ import annotations
 
-import gzip
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -99,11 +97,7 @@ class StepProfiler(L.Callback):
             return
         self.recorded, self._done = [self.first, steps_done - 1], profiler
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        trace = self.out_dir / "trace.json"
-        profiler.export_chrome_trace(str(trace))
-        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        trace.unlink()
+        profiler.export_chrome_trace(str(self.out_dir / "trace.json.gz"))  # torch compresses a .gz name
 
     def _write_summary(self) -> None:
         """summary.txt; a failure here costs the summary, never the run (the trace is written already)."""
