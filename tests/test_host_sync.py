@@ -64,23 +64,23 @@ class CountHostReads(RefuseHostSyncs):
 
 
 def test_steps_between_log_points_read_no_tensor_into_python(corpus, tmp_path, monkeypatch):
-    watch = CountHostReads(first=2, last=6, monkeypatch=monkeypatch)
-    args = overrides(corpus, tmp_path / "run", "train.max_steps=10", "train.log_every=8", "train.val_every=100")
+    watch = CountHostReads(first=8, last=14, monkeypatch=monkeypatch)
+    args = overrides(corpus, tmp_path / "run", "train.max_steps=16", "train.log_every=8", "train.val_every=100")
     args.append("optim.fused=true")  # as on a GPU (the unfused CPU path reads its step counters with .item())
     run_training([*args, "train.ckpt_every=100"], callbacks=[watch])
-    assert watch.checked == [3, 4, 5, 6, 7]
+    assert watch.checked == [9, 10, 11, 12, 13, 14, 15]
     assert watch.reads == []
 
 
 @needs_cuda
 @pytest.mark.parametrize("compile", [False, True])
 def test_steps_between_log_points_never_wait_for_the_gpu(corpus, tmp_path, compile):
-    watch = RefuseHostSyncs(first=2, last=6)
-    args = overrides(corpus, tmp_path / "run", "trainer=gpu", f"train.compile={compile}", "train.max_steps=10")
-    # Log points, validation and checkpoints (which read from the GPU on purpose) fall outside steps 2-7.
+    watch = RefuseHostSyncs(first=8, last=14)
+    args = overrides(corpus, tmp_path / "run", "trainer=gpu", f"train.compile={compile}", "train.max_steps=16")
+    # Log points, validation and checkpoints (which read from the GPU on purpose) fall outside steps 9-15.
     args += ["train.log_every=8", "train.val_every=100", "train.ckpt_every=100", "data.num_workers=2"]
     try:
         run_training(args, callbacks=[watch])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert watch.checked == [3, 4, 5, 6, 7]
+    assert watch.checked == [9, 10, 11, 12, 13, 14, 15]

@@ -63,13 +63,16 @@ class StepLines(ProgressBar):
             self._print(trainer, f"validation at step {trainer.global_step}: {self._metrics(trainer, pl_module)}")
 
 
+# Logged without prog_bar: Lightning reads every prog_bar metric back from the GPU after each batch, a wait for the
+# device once per step (experiments/throughput/README.md); the display reads these at its redraws instead.
+READ_AT_REDRAW = ("train/loss", "perf/tok_per_s")
+
+
 def shown_metrics(metrics: dict, trainer) -> dict:
-    """The progress-bar metrics with the training loss first and without v_num. train/loss is logged without
-    prog_bar (Lightning would read every prog_bar metric back from the GPU after each batch), so it is read here,
-    at a redraw, from the callback metrics."""
-    metrics = {k: v for k, v in metrics.items() if k != "v_num"}
-    loss = trainer.callback_metrics.get("train/loss")
-    return {"train/loss": float(loss), **metrics} if loss is not None else metrics
+    """The progress-bar metrics after the training loss and tok/s, without v_num."""
+    logged = trainer.callback_metrics
+    shown = {name: float(logged[name]) for name in READ_AT_REDRAW if name in logged}
+    return shown | {k: v for k, v in metrics.items() if k != "v_num"}
 
 
 def progress_callback(every: int, stream=None) -> ProgressBar:
