@@ -220,6 +220,17 @@ def test_no_seed_group_when_another_key_differs(tmp_path):
     assert "No runs differ only in seed" in (out / "table.md").read_text()
 
 
+def test_an_option_added_later_and_left_null_keeps_runs_in_one_seed_group(tmp_path):
+    root = tmp_path / "runs"
+    logged_run(root, "old", None, seed=1)
+    for name, seed, value in (("new", 2, None), ("profiled", 3, [3, 4])):
+        path = logged_run(root, name, None, seed=seed)
+        data = json.loads((path / "results.json").read_text())
+        data["config"]["train"] = {"profile_steps": value}
+        (path / "results.json").write_text(json.dumps(data))
+    assert [sorted(r.row["run"] for r in g) for g in seed_groups(collect([root]))] == [["new", "old"]]
+
+
 def test_runs_without_logs_still_table(tmp_path):
     root = tmp_path / "runs"
     log = [train_row(s, 5.0 - 0.1 * s, rate=1000.0) for s in range(5)] + [val_row(4, 4.7)]

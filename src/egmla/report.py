@@ -362,12 +362,22 @@ def pareto_front(points: Sequence[tuple[float | None, float | None]], maximize: 
 SEED_IGNORED = ("seed", "run_name", "run_dir", "resume")  # resume=last: the same training, continued
 
 
+def _without_nulls(config):
+    """config without its null settings (and sections left empty), at any depth: an option a later version added,
+    off by default, leaves a run of that version the same training as one from before it (train.profile_steps)."""
+    if not isinstance(config, dict):
+        return config
+    kept = {k: _without_nulls(v) for k, v in config.items() if v is not None}
+    return {k: v for k, v in kept.items() if v != {}}
+
+
 def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
-    """Runs whose resolved configs are equal but for SEED_IGNORED and that hold two seeds or more, in table order."""
+    """Runs whose resolved configs are equal but for SEED_IGNORED and null settings, and that hold two seeds or
+    more, in table order."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         if run.config:
-            rest = {k: v for k, v in run.config.items() if k not in SEED_IGNORED}
+            rest = _without_nulls({k: v for k, v in run.config.items() if k not in SEED_IGNORED})
             groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(run)
     return [group for group in groups.values() if len({repr(r.row["seed"]) for r in group}) > 1]
 
