@@ -121,3 +121,29 @@ def test_summary_names_the_host_wait_under_each_gpu_gap():
     )  # the shortest op spanning most of the gap first: the wait itself, then what called it
     assert lines[5] == "     0.50  +    10.0  (no torch op: Python outside torch)"
     assert lines[-1] == "(operators by self_device_time_total)"
+
+
+def test_summary_names_each_host_wait_with_the_ops_that_made_it():
+    from egmla.train.profile import summarize
+
+    events = [
+        _Event("kernel_a", "cuda", 0, 10000),
+        _Event("kernel_b", "cuda", 12000, 20000),
+        _Event("Optimizer.step#AdamW.step", "cpu", 0, 8000),  # ended before the wait: not around it
+        _Event("cudaStreamSynchronize", "cpu", 3000, 3010),  # 10 us: the GPU was idle, not a wait
+        _Event("aten::item", "cpu", 9000, 12000),
+        _Event("aten::_local_scalar_dense", "cpu", 9050, 11950),
+        _Event("cudaMemcpyAsync", "cpu", 9060, 9080),
+        _Event("cudaStreamSynchronize", "cpu", 9100, 11900),  # a tensor read into Python: 2.8 ms
+        _Event("cudaDeviceSynchronize", "cpu", 15000, 15200),  # called from Python outside torch's ops
+    ]
+    lines = summarize(_Recorded(events), 3, 4, wall=0.03).splitlines()
+    at = lines.index(
+        "host waits for the GPU (synchronize calls of 0.05 ms or more): 2 in 2 step(s), 3.00 ms in all; longest: "
+        "ms, start (ms after the first kernel), the ops around it, outermost first"
+    )
+    assert lines[at + 1 : at + 3] == [
+        "     2.80  +     9.1  aten::item > aten::_local_scalar_dense",
+        "     0.20  +    15.0  (no torch op: Python outside torch)",
+    ]
+    assert lines[at + 3] == "" and lines[-1] == "(operators by self_device_time_total)"

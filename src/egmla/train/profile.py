@@ -5,7 +5,7 @@ run_dir/profile/:
 
     trace.json.gz  the Chrome trace: host ops, CUDA runtime calls and kernels on one time line (ui.perfetto.dev)
     summary.txt    wall time a step, the GPU's busy share, its longest idle gaps with the host ops that spanned
-                   them (a gap under a cudaStreamSynchronize or a tensor read is a host wait), the top operators
+                   them, the host's waits for the GPU with the ops that made them, the top operators
 
 The record runs from the end of step first - 1 to the end of step `last`, so each step's time between batches
 (Lightning's hooks, the next batch, its move to the device) is in it; summary.txt says how many validations and
@@ -26,6 +26,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
 GAPS_LISTED = 10  # idle gaps of the GPU named in summary.txt, longest first
+WAITS_LISTED = 10  # host waits named, longest first
+WAIT_MIN_US = 50.0  # a synchronize call shorter than this found the GPU idle: not a wait worth naming
+OPS_PER_WAIT = 4  # enclosing host ops shown for a wait, outermost first
+END_OF_RECORD = "profile: end of record (this wait is the profiler's)"
 HOST_OPS_PER_GAP = 3  # host ops listed under each gap, by how much of it they cover
 TOP_OPERATORS = 25
 
@@ -89,7 +93,8 @@ class StepProfiler(L.Callback):
         """End the record and write the trace; the summary (slow on a long trace) waits for the end of training,
         so that other ranks do not wait for it in their next collective."""
         if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+            with torch.profiler.record_function(END_OF_RECORD):  # named in the summary's waits, not a loop's
+                torch.cuda.synchronize(pl_module.device)
         self._wall = time.perf_counter() - self._start
         profiler, self._profiler = self._profiler, None
         profiler.__exit__(None, None, None)
@@ -137,6 +142,7 @@ def summarize(profiler: torch.profiler.profile, first: int, last: int, wall: flo
             lines.append(
                 f"  {(end - start) / 1000:7.2f}  +{(start - kernels[0][0]) / 1000:8.1f}  {_host_ops(host, start, end)}"
             )
+        lines += _host_waits(host, kernels[0][0], steps)
     sort_by = "self_device_time_total" if kernels else "self_cpu_time_total"
     lines += ["", profiler.key_averages().table(sort_by=sort_by, row_limit=TOP_OPERATORS)]
     return "\n".join(lines) + "\n"
@@ -154,6 +160,29 @@ def busy_and_gaps(intervals: list[tuple[float, float]]) -> tuple[float, list[tup
         else:
             end = max(end, e)
     return busy + end - start, gaps
+
+
+def _host_waits(host: list, origin: float, steps: int) -> list[str]:
+    """summary.txt's host waits: CUDA synchronize calls, each with the host ops around it (an `aten::item` is a
+    tensor read into Python). A wait empties the GPU's queue, so the host's next work shows as an idle gap; the gap
+    list names where the GPU idled, this list why its queue was empty. One wait a step costs several per cent."""
+    waits = [e for e in host if "Synchronize" in e.name and e.time_range.elapsed_us() >= WAIT_MIN_US]
+    total = sum(e.time_range.elapsed_us() for e in waits)
+    lines = [
+        "",
+        f"host waits for the GPU (synchronize calls of {WAIT_MIN_US / 1000:.2f} ms or more): {len(waits)} in "
+        f"{steps} step(s), {total / 1000:.2f} ms in all; longest: ms, start (ms after the first kernel), the ops "
+        "around it, outermost first",
+    ]
+    for wait in sorted(waits, key=lambda e: -e.time_range.elapsed_us())[:WAITS_LISTED]:
+        start, end = wait.time_range.start, wait.time_range.end
+        around = [
+            e for e in host if e is not wait and e.time_range.start <= start and e.time_range.end >= end
+        ]  # the ops that were running when the wait started, and did not end before it
+        around.sort(key=lambda e: -e.time_range.elapsed_us())
+        chain = " > ".join(e.name for e in around[-OPS_PER_WAIT:]) or "(no torch op: Python outside torch)"
+        lines.append(f"  {(end - start) / 1000:7.2f}  +{(start - origin) / 1000:8.1f}  {chain}")
+    return lines
 
 
 def _host_ops(host: list, start: float, end: float) -> str:
