@@ -78,10 +78,10 @@ class _Range:
 
 
 class _Event:
-    def __init__(self, name: str, device: str, start: float, end: float):
+    def __init__(self, name: str, device: str, start: float, end: float, thread: int = 1):
         from torch.autograd import DeviceType
 
-        self.name, self.time_range = name, _Range(start, end)
+        self.name, self.time_range, self.thread = name, _Range(start, end), thread
         self.device_type = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
 
 
@@ -124,7 +124,7 @@ def test_summary_names_the_host_wait_under_each_gpu_gap():
 
 
 def test_summary_names_each_host_wait_with_the_ops_that_made_it():
-    from egmla.train.profile import summarize
+    from egmla.train.profile import END_OF_RECORD, summarize
 
     events = [
         _Event("kernel_a", "cuda", 0, 10000),
@@ -135,15 +135,21 @@ def test_summary_names_each_host_wait_with_the_ops_that_made_it():
         _Event("aten::_local_scalar_dense", "cpu", 9050, 11950),
         _Event("cudaMemcpyAsync", "cpu", 9060, 9080),
         _Event("cudaStreamSynchronize", "cpu", 9100, 11900),  # a tensor read into Python: 2.8 ms
+        _Event("autograd::engine::evaluate_function", "cpu", 8500, 12500, thread=2),  # another thread's op
+        _Event("aten::to", "cpu", 14000, 14500),
+        _Event("cudaMemcpyAsync", "cpu", 14010, 14410),  # a copy to pageable memory that blocked: 0.4 ms
         _Event("cudaDeviceSynchronize", "cpu", 15000, 15200),  # called from Python outside torch's ops
+        _Event(END_OF_RECORD, "cpu", 19000, 20100),
+        _Event("cudaDeviceSynchronize", "cpu", 19010, 20090),  # the profiler's own: left out
     ]
     lines = summarize(_Recorded(events), 3, 4, wall=0.03).splitlines()
     at = lines.index(
-        "host waits for the GPU (synchronize calls of 0.05 ms or more): 2 in 2 step(s), 3.00 ms in all; longest: "
-        "ms, start (ms after the first kernel), the ops around it, outermost first"
+        "host waits for the GPU (synchronize calls and copies of 0.10 ms or more): 3 in 2 step(s), 3.40 ms in all; "
+        "longest: ms, start (ms after the first kernel), the ops around it, outermost first"
     )
-    assert lines[at + 1 : at + 3] == [
+    assert lines[at + 1 : at + 4] == [
         "     2.80  +     9.1  aten::item > aten::_local_scalar_dense",
+        "     0.40  +    14.0  aten::to",
         "     0.20  +    15.0  (no torch op: Python outside torch)",
     ]
-    assert lines[at + 3] == "" and lines[-1] == "(operators by self_device_time_total)"
+    assert lines[at + 4] == "" and lines[-1] == "(operators by self_device_time_total)"

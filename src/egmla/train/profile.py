@@ -27,9 +27,9 @@ from torch.profiler import ProfilerActivity
 
 GAPS_LISTED = 10  # idle gaps of the GPU named in summary.txt, longest first
 WAITS_LISTED = 10  # host waits named, longest first
-WAIT_MIN_US = 50.0  # a synchronize call shorter than this found the GPU idle: not a wait worth naming
+WAIT_MIN_US = 100.0  # shorter: the GPU was idle already, or an ordinary launch of a copy (up to ~0.06 ms seen)
 OPS_PER_WAIT = 4  # enclosing host ops shown for a wait, outermost first
-END_OF_RECORD = "profile: end of record (this wait is the profiler's)"
+END_OF_RECORD = "profile: end of record"  # its synchronize is the profiler's, not a wait of the loop
 HOST_OPS_PER_GAP = 3  # host ops listed under each gap, by how much of it they cover
 TOP_OPERATORS = 25
 
@@ -163,26 +163,36 @@ def busy_and_gaps(intervals: list[tuple[float, float]]) -> tuple[float, list[tup
 
 
 def _host_waits(host: list, origin: float, steps: int) -> list[str]:
-    """summary.txt's host waits: CUDA synchronize calls, each with the host ops around it (an `aten::item` is a
-    tensor read into Python). A wait empties the GPU's queue, so the host's next work shows as an idle gap; the gap
-    list names where the GPU idled, this list why its queue was empty. One wait a step costs several per cent."""
-    waits = [e for e in host if "Synchronize" in e.name and e.time_range.elapsed_us() >= WAIT_MIN_US]
-    total = sum(e.time_range.elapsed_us() for e in waits)
+    """summary.txt's host waits: CUDA synchronize calls, and copies that block, each with the host ops of its thread
+    around it (an `aten::item` is a tensor read into Python). A wait empties the GPU's queue, so the host's next
+    work shows as an idle gap: the gap list names where the GPU idled, this list why its queue was empty. One wait
+    a step cost the 120M loop 1-2% of its speed. The profiler's own synchronize at the end of the record is left
+    out."""
+    ops = [e for e in host if not _is_wait(e)]
+    waits = []
+    for wait in (e for e in host if _is_wait(e) and e.time_range.elapsed_us() >= WAIT_MIN_US):
+        start, end = wait.time_range.start, wait.time_range.end
+        around = [  # the ops of its thread that were running when the wait started and did not end before it
+            e for e in ops if e.thread == wait.thread and e.time_range.start <= start and e.time_range.end >= end
+        ]
+        if any(e.name == END_OF_RECORD for e in around):
+            continue
+        around.sort(key=lambda e: (e.time_range.start, -e.time_range.end))  # outermost first
+        waits.append((end - start, start, " > ".join(e.name for e in around[-OPS_PER_WAIT:])))
     lines = [
         "",
-        f"host waits for the GPU (synchronize calls of {WAIT_MIN_US / 1000:.2f} ms or more): {len(waits)} in "
-        f"{steps} step(s), {total / 1000:.2f} ms in all; longest: ms, start (ms after the first kernel), the ops "
-        "around it, outermost first",
+        f"host waits for the GPU (synchronize calls and copies of {WAIT_MIN_US / 1000:.2f} ms or more): {len(waits)} "
+        f"in {steps} step(s), {sum(w[0] for w in waits) / 1000:.2f} ms in all; longest: ms, start (ms after the "
+        "first kernel), the ops around it, outermost first",
     ]
-    for wait in sorted(waits, key=lambda e: -e.time_range.elapsed_us())[:WAITS_LISTED]:
-        start, end = wait.time_range.start, wait.time_range.end
-        around = [
-            e for e in host if e is not wait and e.time_range.start <= start and e.time_range.end >= end
-        ]  # the ops that were running when the wait started, and did not end before it
-        around.sort(key=lambda e: -e.time_range.elapsed_us())
-        chain = " > ".join(e.name for e in around[-OPS_PER_WAIT:]) or "(no torch op: Python outside torch)"
-        lines.append(f"  {(end - start) / 1000:7.2f}  +{(start - origin) / 1000:8.1f}  {chain}")
+    for elapsed, start, chain in sorted(waits, key=lambda w: -w[0])[:WAITS_LISTED]:
+        chain = chain or "(no torch op: Python outside torch)"
+        lines.append(f"  {elapsed / 1000:7.2f}  +{(start - origin) / 1000:8.1f}  {chain}")
     return lines
+
+
+def _is_wait(event) -> bool:
+    return "Synchronize" in event.name or event.name.startswith("cudaMemcpy")
 
 
 def _host_ops(host: list, start: float, end: float) -> str:
