@@ -222,11 +222,14 @@ def test_no_seed_group_when_another_key_differs(tmp_path):
 
 def test_an_option_added_later_and_left_null_keeps_runs_in_one_seed_group(tmp_path):
     root = tmp_path / "runs"
-    logged_run(root, "old", None, seed=1)
-    for name, seed, value in (("new", 2, None), ("profiled", 3, [3, 4])):
+    for name, seed, added in (
+        ("old", 1, {}),
+        ("new", 2, {"profile_steps": None}),
+        ("profiled", 3, {"profile_steps": [3, 4]}),
+    ):
         path = logged_run(root, name, None, seed=seed)
         data = json.loads((path / "results.json").read_text())
-        data["config"]["train"] = {"profile_steps": value}
+        data["config"]["train"] = {"max_steps": 10} | added
         (path / "results.json").write_text(json.dumps(data))
     assert [sorted(r.row["run"] for r in g) for g in seed_groups(collect([root]))] == [["new", "old"]]
 
