@@ -140,7 +140,7 @@ class Throughput(L.Callback):
         self.garbage_collection.append(self._window_gc)
         if log and elapsed > 0:
             tok_per_s = self._window_tokens / elapsed
-            # Not prog_bar: Lightning would read it back from the GPU after every later batch (progress.py shows it).
+            # Not prog_bar: the display reads it at its redraws (progress.READ_AT_REDRAW says why).
             pl_module.log("perf/tok_per_s", tok_per_s, on_step=True, rank_zero_only=True)
             pl_module.log("perf/between_batches", self._window_between / elapsed, on_step=True, rank_zero_only=True)
             pl_module.log("perf/garbage_collection", self._window_gc / elapsed, on_step=True, rank_zero_only=True)

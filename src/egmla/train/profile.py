@@ -78,13 +78,13 @@ class StepProfiler(L.Callback):
         self._saves += self._profiler is not None
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._profiler is not None:  # the run ended inside the profiled steps: keep what was recorded
-            self._stop(pl_module, trainer.global_step)
-        if self._done is not None:
-            self._write_summary()
+        self._finish(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if self._profiler is not None:  # what led up to the failure is worth keeping
+        self._finish(trainer, pl_module)  # what led up to the failure is worth keeping
+
+    def _finish(self, trainer, pl_module) -> None:
+        if self._profiler is not None:  # the run ended inside the profiled steps: keep what was recorded
             self._stop(pl_module, trainer.global_step)
         if self._done is not None:
             self._write_summary()

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
 class StepProgressBar(TQDMProgressBar):
     """Counts optimizer steps towards max_steps (streams have no epoch length). Redrawn every `refresh_rate`
-    micro-batches (train.log_every): each redraw reads the logged loss from the GPU, so a redraw per step would
-    stall the host on the device once per step."""
+    micro-batches (train.log_every): each redraw reads the logged loss and tok/s from the GPU (READ_AT_REDRAW), so a
+    redraw per step would stall the host on the device once per step."""
 
     @property
     def total_train_batches(self) -> int | float:
